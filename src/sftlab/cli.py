@@ -1,0 +1,204 @@
+"""`sftlab train | data preview | predict | chat | export | index` — thin wrappers over the workflow.
+
+Every user-fixable problem arrives here as an SftlabError and is printed as one clear line (exit code 2), never as
+a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from sftlab.errors import ConfigError, SftlabError
+
+USAGE = """usage: sftlab <command> [CONFIG.yaml] [--key value ...]
+
+commands:
+  train          fine-tune (sftlab train -h lists every option, TrainingArguments included)
+  data preview   show what exactly is trained: sftlab data preview [CONFIG] [--n N] [--format text|json]
+  predict        evaluate/predict with a model or output dir: sftlab predict CONFIG_OR_OUTPUT_DIR [--key value]
+  chat           interactive chat: sftlab chat --model OUTPUT_DIR
+  export         merge a LoRA adapter: sftlab export --model OUTPUT_DIR --out DIR
+  index          build a retrieval index: sftlab index --documents FILE --embedding_model NAME --out DIR
+"""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _pop_opt(argv: list[str], name: str, default=None):
+    """Remove --name value (or --name=value) from argv and return the value."""
+    for i, a in enumerate(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
+            v = argv[i + 1]
+            del argv[i:i + 2]
+            return v
+        if a.startswith(f"--{name}="):
+            del argv[i]
+            return a.split("=", 1)[1]
+    return default
+
+
+def cmd_train(argv: list[str]) -> int:
+    from sftlab.config import help_text, parse_config
+
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    cfg = parse_config(argv)
+    from sftlab.workflow import run_sft
+
+    run_sft(cfg)
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    """Predict/evaluate from a config file, or from an output directory using the config saved in it."""
+    import yaml
+
+    from sftlab.config import build_config, help_text, parse_argv
+    from sftlab.workflow import run_sft
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: sftlab predict CONFIG_OR_OUTPUT_DIR [--key value ...]\n\n" + help_text())
+        return 0
+    if not argv:
+        raise ConfigError("sftlab predict: give a config file or an output directory")
+    target, rest = argv[0], argv[1:]
+    raw: dict = {}
+    if os.path.isdir(target):
+        saved = os.path.join(target, "sftlab_config.yaml")
+        if os.path.isfile(saved):
+            groups = yaml.safe_load(open(saved, encoding="utf-8")) or {}
+            keep_training = ("bf16", "fp16", "per_device_eval_batch_size", "seed", "dataloader_num_workers")
+            for g in ("data", "generating", "rqa"):
+                raw.update({k: v for k, v in (groups.get(g) or {}).items() if v is not None})
+            raw.update({k: v for k, v in (groups.get("training") or {}).items() if k in keep_training})
+            for f in ("train_file", "val_size"):
+                raw.pop(f, None)
+        raw["model_name_or_path"] = target
+        raw["output_dir"] = os.path.join(target, "predict")
+    else:
+        from sftlab.config import _read_yaml
+
+        raw.update(_read_yaml(target))
+    _, flags = parse_argv(rest)
+    for k, v in flags.items():
+        try:
+            raw[k] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raw[k] = v
+    raw["do_train"] = False
+    raw.setdefault("do_predict", bool(raw.get("test_file")))
+    raw.setdefault("do_eval", bool(raw.get("eval_file")))
+    if not (raw["do_predict"] or raw["do_eval"]):
+        raise ConfigError("sftlab predict: pass --test_file (generation) and/or --eval_file (loss, accuracy)")
+    raw.pop("val_size", None)
+    cfg = build_config(raw)
+    run_sft(cfg)
+    return 0
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from sftlab.config import parse_config
+    from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
+    from sftlab.workflow import resolve_template
+
+    model = _pop_opt(argv, "model")
+    if model:
+        argv = ["--model_name_or_path", model, *argv]
+    cfg = parse_config(argv)
+    path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
+    tok = load_tokenizer(path)
+    m, _ = load_model(cfg.model, None, for_training=False, bf16=cfg.training.bf16)
+    template = resolve_template(cfg, tok, path)
+    from sftlab.chat import chat_loop
+
+    print(f"sftlab chat with {cfg.model.model_name_or_path} (template '{template.name}'); /reset clears, /exit quits")
+    chat_loop(m, tok, template, cfg.generating, system=cfg.data.system)
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    from sftlab.config import parse_config
+    from sftlab.models.load import adapter_base, load_model, load_tokenizer, resolve_model_path
+    from sftlab.workflow import check_writable, resolve_template
+    from sftlab.data.templates import save_template
+
+    model = _pop_opt(argv, "model")
+    out = _pop_opt(argv, "out")
+    if not model or not out:
+        raise ConfigError("usage: sftlab export --model OUTPUT_DIR --out DIR")
+    if not os.path.isdir(model) or adapter_base(model) is None:
+        raise ConfigError(f"--model: {model} holds no LoRA adapter (adapter_config.json); nothing to merge")
+    check_writable(out)
+    cfg = parse_config(["--model_name_or_path", model, *argv])
+    m, base = load_model(cfg.model, None, for_training=False, bf16=False)  # merged in fp32: exact
+    tok = load_tokenizer(model)
+    template = resolve_template(cfg, tok, model)
+    m.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    save_template(template, out)
+    print(f"merged {model} into {base} -> {out} (loads with transformers' AutoModelForCausalLM)")
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    if not argv or argv[0] != "preview":
+        raise ConfigError("usage: sftlab data preview [CONFIG.yaml] [--key value ...] [--n N] [--format text|json]")
+    from sftlab.preview import preview
+
+    argv = argv[1:]
+    n = int(_pop_opt(argv, "n", "3"))
+    fmt = _pop_opt(argv, "format", "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError("--format: choose text or json")
+    preview(argv, n=n, fmt=fmt, out=sys.stdout)
+    return 0
+
+
+def cmd_index(argv: list[str]) -> int:
+    from sftlab.rqa.cli_index import main as index_main
+
+    return index_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "chat": cmd_chat, "export": cmd_export,
+            "data": cmd_data, "index": cmd_index}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd = argv.pop(0)
+    if cmd not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        print(f"sftlab: unknown command '{cmd}'" + (f"; did you mean '{close[0]}'?" if close else ""), file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    try:
+        return COMMANDS[cmd](argv)
+    except SftlabError as e:
+        print(f"sftlab {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Read data files into plain rows that remember where they came from (file and line), so every later error can
+name them. JSON and JSONL are parsed here, line by line, because a malformed line must be reported with its number;
+CSV and Parquet go through `datasets`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sftlab.errors import DataError
+
+
+@dataclass
+class Row:
+    data: dict[str, Any]
+    file: str
+    line: int  # 1-based line (JSONL) or row number (JSON arrays, CSV, Parquet)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8", file=str(path), line=line) from None
+
+
+def _json_rows(path: Path) -> list[Row]:
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError("the file is empty", file=str(path))
+    if stripped[0] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg}", file=str(path), line=e.lineno) from None
+        if not isinstance(data, list):
+            raise DataError("expected a JSON array of objects", file=str(path))
+        rows = []
+        for i, obj in enumerate(data):
+            if not isinstance(obj, dict):
+                raise DataError(f"row {i + 1} is a {type(obj).__name__}, expected an object", file=str(path))
+            rows.append(Row(obj, str(path), i + 1))
+        return rows
+    if stripped[0] == "{" and path.suffix == ".json":
+        # A single JSON object is either one row or JSONL saved with a .json suffix; try the former first.
+        try:
+            obj = json.loads(text)
+            if isinstance(obj, dict):
+                return [Row(obj, str(path), 1)]
+        except json.JSONDecodeError:
+            pass
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=n) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"expected a JSON object, found {type(obj).__name__}", file=str(path), line=n)
+        rows.append(Row(obj, str(path), n))
+    return rows
+
+
+def _table_rows(path: Path, kind: str) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parser errors in many types; name the file either way
+        raise DataError(f"cannot read {kind.upper()} file: {e}", file=str(path)) from None
+    return [Row(dict(r), str(path), i + 2 if kind == "csv" else i + 1) for i, r in enumerate(ds)]
+
+
+def read_rows(path_or_name: str, max_samples: int | None = None) -> list[Row]:
+    """All rows of one file (or an offline-cached hub dataset), at most max_samples of them."""
+    path = Path(path_or_name)
+    if not path.exists():
+        rows = _hub_rows(path_or_name)
+    elif path.is_dir():
+        raise DataError("is a directory; give a .json, .jsonl, .csv or .parquet file", file=str(path))
+    else:
+        suffix = path.suffix.lower()
+        if suffix in (".json", ".jsonl"):
+            rows = _json_rows(path)
+        elif suffix == ".csv":
+            rows = _table_rows(path, "csv")
+        elif suffix == ".parquet":
+            rows = _table_rows(path, "parquet")
+        else:
+            raise DataError(f"unsupported file type '{suffix}'; use .json, .jsonl, .csv or .parquet", file=str(path))
+    if not rows:
+        raise DataError("no rows: the dataset is empty", file=str(path_or_name))
+    return rows[:max_samples] if max_samples else rows
+
+
+def _hub_rows(name: str) -> list[Row]:
+    """A hub dataset id, only if it is already in the local cache: never a network request."""
+    import os
+
+    if "/" not in name or name.startswith((".", "/")) or Path(name).suffix:
+        raise DataError("file not found", file=name)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise DataError(
+            f"not a local file, and not a hub dataset in the offline cache ({type(e).__name__}); sftlab does not "
+            "download data: save it as .jsonl/.json/.csv/.parquet and pass the path",
+            file=name,
+        ) from None
+    return [Row(dict(r), name, i + 1) for i, r in enumerate(ds)]

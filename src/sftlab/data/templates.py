@@ -1,0 +1,356 @@
+"""Chat templates: messages -> text, with the character spans of every trained assistant turn.
+
+Three kinds of template, one `Template` type:
+
+* ``tokenizer`` — the tokenizer's own Jinja chat template. Spans come from rendering the conversation up to each
+  assistant turn with ``add_generation_prompt=True`` (where the answer starts) and up to the end of that turn (where
+  it ends); the conversation must render as a prefix-extension at every turn, which is checked.
+* built-in patterns — ``chatml``, ``llama2``, ``mistral``, ``alpaca``, ``plain``: a few format strings each.
+* ``prefix`` — LocalRQA's ``user_prefix``/``assistant_prefix``/``sep_user``/``sep_sys`` arguments. One exchange is
+  rendered as ``{user_prefix}{sep_user}{question}{sep_user}{assistant_prefix}{sep_user}`` followed by the trained
+  ``{answer}{sep_sys}``; a system prompt is put before the first question, separated by a blank line. With
+  ``--user_prefix "<s>[INST]" --assistant_prefix "[/INST]" --sep_user " " --sep_sys "</s>"`` a turn reads
+  ``<s>[INST] question [/INST] answer</s>``.
+
+A trained span is the assistant's content plus the text that ends its turn (``<|im_end|>``, ``</s>``...), so the
+model learns to stop; whitespace after the end-of-turn marker is not trained. The template is saved with every
+checkpoint as ``sftlab_template.json`` and reloaded from there by every later command.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftlab.errors import ConfigError, DataError
+
+TEMPLATE_FILE = "sftlab_template.json"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[tuple[int, int]]  # character spans of trained assistant text, in order
+
+
+@dataclass
+class Template:
+    """How a conversation becomes text. ``kind`` is 'jinja' or 'pattern'; the other fields serve that kind."""
+
+    name: str
+    kind: str
+    jinja: str | None = None
+    # pattern templates: {content} is replaced; {bos}/{eos} become the tokenizer's tokens when loaded
+    system_format: str = ""  # rendered once before the first user turn ("" -> merged into the first user turn)
+    user_format: str = "{content}"  # includes the generation prompt (what precedes the answer)
+    assistant_end: str = ""  # trained: ends the assistant turn
+    assistant_after: str = ""  # untrained separator after the turn
+    system_merge: str = "{system}\n\n{content}"  # used when system_format is empty
+    default_system: str | None = None
+    prefix: str = ""  # text at the very start (e.g. a BOS for templates whose user turn has none)
+    stop_strings: list[str] = field(default_factory=list)
+
+    # ---- rendering -------------------------------------------------------------------------------------
+    def render(self, messages: list[Message]) -> Rendered:
+        _check_messages(messages, need_final_assistant=True)
+        if self.kind == "jinja":
+            return self._render_jinja(with_default_system(self, messages))
+        return self._render_pattern(messages, add_generation_prompt=False)
+
+    def render_prompt(self, messages: list[Message]) -> str:
+        """The text the model is given to write the next assistant turn (messages end with a user turn)."""
+        _check_messages(messages, need_final_assistant=False)
+        if self.kind == "jinja":
+            return self._jinja(with_default_system(self, messages), add_generation_prompt=True)
+        return self._render_pattern(messages, add_generation_prompt=True).text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Template":
+        known = set(Template.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"template definition has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return Template(**d)
+
+    # ---- pattern kind -----------------------------------------------------------------------------------
+    def _render_pattern(self, messages: list[Message], add_generation_prompt: bool) -> Rendered:
+        system = self.default_system
+        body = list(messages)
+        if body and body[0].role == "system":
+            system = body[0].content
+            body = body[1:]
+        parts: list[str] = [self.prefix]
+        pos = len(self.prefix)
+        spans: list[tuple[int, int]] = []
+        first_user = True
+        for m in body:
+            if m.role == "user":
+                content = m.content
+                if first_user and system:
+                    if self.system_format:
+                        s = self.system_format.replace("{content}", system)
+                        parts.append(s)
+                        pos += len(s)
+                    else:
+                        content = self.system_merge.replace("{system}", system).replace("{content}", content)
+                first_user = False
+                s = self.user_format.replace("{content}", content)
+            else:  # assistant
+                trained = m.content + self.assistant_end
+                spans.append((pos, pos + len(trained)))
+                s = trained + self.assistant_after
+            parts.append(s)
+            pos += len(s)
+        return Rendered("".join(parts), spans)
+
+    # ---- jinja kind -------------------------------------------------------------------------------------
+    def _jinja(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_template_error
+        tmpl = env.from_string(self.jinja or "")
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        return tmpl.render(
+            messages=msgs,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._special.get("bos", ""),
+            eos_token=self._special.get("eos", ""),
+        )
+
+    def _render_jinja(self, messages: list[Message]) -> Rendered:
+        full = self._jinja(messages, add_generation_prompt=False)
+        spans: list[tuple[int, int]] = []
+        for i, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before = self._jinja(messages[:i], add_generation_prompt=True)
+            through = self._jinja(messages[: i + 1], add_generation_prompt=False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise ConfigError(
+                    f"template '{self.name}': the chat template does not render conversations as prefixes of one "
+                    "another (it changes earlier turns when a turn is added), so trained spans cannot be located; "
+                    "choose a built-in template with --template"
+                )
+            start = len(before)
+            # Whitespace after the end-of-turn marker is formatting, not something the model must learn to emit.
+            end = len(through.rstrip())
+            spans.append((start, max(start, end)))
+        return Rendered(full, spans)
+
+    @property
+    def _special(self) -> dict[str, str]:
+        return getattr(self, "_special_tokens", {})
+
+
+def _raise_template_error(msg: str) -> None:
+    raise DataError(f"chat template refused the conversation: {msg}")
+
+
+def _check_messages(messages: list[Message], need_final_assistant: bool) -> None:
+    if not messages:
+        raise DataError("empty conversation")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise DataError(f"unknown role '{m.role}' in message {i}; expected one of {ROLES}")
+        if m.role == "system" and i != 0:
+            raise DataError(f"a system message may only come first (found at message {i})")
+    body = messages[1:] if messages[0].role == "system" else messages
+    if not body or body[0].role != "user":
+        raise DataError("a conversation must start with a user message (after an optional system message)")
+    for i, m in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m.role != want:
+            raise DataError(f"turns must alternate user/assistant; message {i} is '{m.role}', expected '{want}'")
+    last = body[-1].role
+    if need_final_assistant and last != "assistant":
+        raise DataError("a training conversation must end with an assistant message")
+    if not need_final_assistant and last != "user":
+        raise DataError("a prompt must end with a user message")
+
+
+# ---- built-in templates -------------------------------------------------------------------------------------
+BUILTIN: dict[str, dict[str, Any]] = {
+    "chatml": dict(
+        system_format="<|im_start|>system\n{content}<|im_end|>\n",
+        user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+        assistant_end="<|im_end|>",
+        assistant_after="\n",
+        stop_strings=["<|im_end|>"],
+    ),
+    # Llama-2 chat: the system prompt sits inside the first [INST] block.
+    "llama2": dict(
+        user_format="{bos}[INST] {content} [/INST] ",
+        assistant_end=" {eos}",
+        system_merge="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
+        stop_strings=["{eos}"],
+    ),
+    "mistral": dict(
+        prefix="{bos}",
+        user_format="[INST] {content} [/INST]",
+        assistant_end="{eos}",
+        stop_strings=["{eos}"],
+    ),
+    "alpaca": dict(
+        prefix="",
+        system_format="{content}\n\n",
+        default_system=(
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        ),
+        user_format="### Instruction:\n{content}\n\n### Response:\n",
+        assistant_end="{eos}",
+        assistant_after="\n\n",
+        stop_strings=["{eos}"],
+    ),
+    # No markup at all: the prompt is followed directly by the answer and EOS.
+    "plain": dict(user_format="{content}", assistant_end="{eos}", stop_strings=["{eos}"]),
+}
+
+
+def _fill_specials(s: str, tokenizer) -> str:
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    return s.replace("{bos}", bos).replace("{eos}", eos)
+
+
+def _finalize(t: Template, tokenizer) -> Template:
+    """Resolve {bos}/{eos} against the tokenizer and remember its special tokens for Jinja templates."""
+    if t.kind == "pattern":
+        for name in ("system_format", "user_format", "assistant_end", "assistant_after", "prefix"):
+            setattr(t, name, _fill_specials(getattr(t, name), tokenizer))
+        t.stop_strings = [_fill_specials(s, tokenizer) for s in t.stop_strings if _fill_specials(s, tokenizer)]
+    object.__setattr__(t, "_special_tokens", {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""})
+    if t.kind == "jinja" and not t.stop_strings:
+        t.stop_strings = _detect_jinja_stop(t, tokenizer)
+    return t
+
+
+def _detect_jinja_stop(t: Template, tokenizer) -> list[str]:
+    """The end-of-turn marker a Jinja template puts after assistant content (e.g. <|im_end|>)."""
+    probe = "PROBE_ANSWER"
+    msgs = [Message("user", "hi"), Message("assistant", probe)]
+    text = t._jinja(msgs, add_generation_prompt=False)
+    at = text.rfind(probe)
+    tail = text[at + len(probe) :].strip() if at >= 0 else ""
+    stops = []
+    if tail:
+        vocab = tokenizer.get_vocab()
+        # Prefer a single special token at the start of the tail (<|im_end|>, <|eot_id|>, </s>...).
+        for tok in sorted(tokenizer.all_special_tokens + list(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True):
+            if tok and tail.startswith(tok) and tok in vocab:
+                stops.append(tok)
+                break
+        if not stops:
+            stops.append(tail)
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    return stops
+
+
+def prefix_template(
+    user_prefix: str | None, assistant_prefix: str | None, sep_user: str = " ", sep_sys: str = "</s>",
+    system: str | None = None,
+) -> Template:
+    user_prefix = user_prefix or ""
+    assistant_prefix = assistant_prefix or ""
+    stops = [sep_sys.strip()] if sep_sys.strip() else []
+    return Template(
+        name="prefix",
+        kind="pattern",
+        user_format=f"{user_prefix}{sep_user}{{content}}{sep_user}{assistant_prefix}{sep_user}",
+        assistant_end=sep_sys,
+        system_merge="{system}\n\n{content}",
+        default_system=system,
+        stop_strings=stops,
+    )
+
+
+def load_template(spec: str | dict | None, tokenizer, *, system: str | None = None, data_args=None) -> Template:
+    """Resolve a template from a name, a full definition (dict), or the tokenizer's own chat template.
+
+    With data_args given, user_prefix/assistant_prefix select the prefix template and `system` the default system
+    prompt; an explicit name wins over the prefixes only if they are unset.
+    """
+    if data_args is not None:
+        system = system if system is not None else data_args.system
+        if data_args.user_prefix is not None or data_args.assistant_prefix is not None:
+            if spec not in (None, "prefix"):
+                raise ConfigError(
+                    f"template: '{spec}' conflicts with user_prefix/assistant_prefix; set only one of them"
+                )
+            t = prefix_template(data_args.user_prefix, data_args.assistant_prefix, data_args.sep_user,
+                                data_args.sep_sys, system)
+            return _finalize(t, tokenizer)
+    if isinstance(spec, dict):
+        t = Template.from_dict(spec)
+    elif spec in (None, "tokenizer", "default"):
+        jinja = getattr(tokenizer, "chat_template", None)
+        if isinstance(jinja, dict):
+            jinja = jinja.get("default")
+        if not jinja:
+            if spec in ("tokenizer", "default"):
+                raise ConfigError("template: the tokenizer has no chat template; pass --template chatml (or another)")
+            t = Template(name="plain", kind="pattern", **BUILTIN["plain"])
+        else:
+            t = Template(name="tokenizer", kind="jinja", jinja=jinja)
+    elif spec == "prefix":
+        raise ConfigError("template: 'prefix' needs --user_prefix and --assistant_prefix")
+    elif spec in BUILTIN:
+        t = Template(name=spec, kind="pattern", **BUILTIN[spec])
+    else:
+        import difflib
+
+        close = difflib.get_close_matches(str(spec), list(BUILTIN) + ["tokenizer", "prefix"], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"template: unknown template '{spec}'{hint} Built-in: {sorted(BUILTIN)}")
+    if system is not None:
+        t.default_system = system
+        if t.kind == "jinja":
+            # The Jinja template handles system turns itself; a default system prompt is added as a message.
+            object.__setattr__(t, "_default_system_msg", system)
+    return _finalize(t, tokenizer)
+
+
+def with_default_system(t: Template, messages: list[Message]) -> list[Message]:
+    """Prepend the template's default system prompt for Jinja templates (pattern templates do it when rendering)."""
+    sys_msg = getattr(t, "_default_system_msg", None)
+    if t.kind == "jinja" and sys_msg and (not messages or messages[0].role != "system"):
+        return [Message("system", sys_msg), *messages]
+    return messages
+
+
+def save_template(t: Template, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / TEMPLATE_FILE
+    d = t.to_dict()
+    sys_msg = getattr(t, "_default_system_msg", None)
+    if sys_msg:
+        d["default_system"] = sys_msg
+    path.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def load_saved_template(model_dir: str | Path, tokenizer) -> Template | None:
+    """The template saved beside a checkpoint or output directory, or None when there is none."""
+    path = Path(model_dir) / TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"cannot parse saved template: {e}", file=str(path), line=e.lineno) from None
+    t = Template.from_dict(d)
+    if t.kind == "jinja" and t.default_system:
+        object.__setattr__(t, "_default_system_msg", t.default_system)
+    return _finalize(t, tokenizer)

@@ -1,0 +1,152 @@
+"""Text with trained character spans -> `input_ids` and `labels`: the one place that decides what is trained.
+
+Labels come from the tokenizer's offsets: a token is trained when its characters overlap a trained span, so a token
+that merges the prompt's trailing space with the answer's first word (" answer", "▁answer") is trained rather than
+silently lost. The generation prompt is tokenized by `encode_prompt`, which stops before any token that would
+reach into the answer; for the final assistant turn the training ids are spliced so that they start with exactly
+those prompt ids (checked by tests for every template and format), and every token between the prompt and the
+answer is trained, because at generation time the model has to produce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sftlab.data.templates import Message, Rendered, Template
+from sftlab.errors import ConfigError, DataError
+
+IGNORE = -100
+# Stands in for an answer when locating where the generation prompt ends; any word-like start behaves the same.
+_PROBE = "Hello"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _prompt_ids_and_end(tokenizer, prompt_text: str) -> tuple[list[int], int]:
+    """Ids of the generation prompt and the character where they end (before any token merging into the answer)."""
+    ids, offs = _tokenize(tokenizer, prompt_text + _PROBE)
+    n = len(prompt_text)
+    keep = 0
+    for s, e in offs:
+        if e > n:
+            break
+        keep += 1
+    end = offs[keep - 1][1] if keep else 0
+    return ids[:keep], end
+
+
+def encode_prompt(tokenizer, template: Template, messages: list[Message]) -> list[int]:
+    """The ids the model is given to write the next assistant turn; a prefix of the training example's ids."""
+    return _prompt_ids_and_end(tokenizer, template.render_prompt(messages))[0]
+
+
+def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
+                    final_prompt_text: str | None = None) -> Encoded:
+    """Tokenize rendered text and label the tokens that overlap its spans (all tokens with train_all)."""
+    ids, offs = _tokenize(tokenizer, rendered.text)
+    if final_prompt_text is not None and rendered.spans:
+        p_ids, p_end = _prompt_ids_and_end(tokenizer, final_prompt_text)
+        if ids[: len(p_ids)] != p_ids:
+            # The whole-text tokenization differs inside the prompt; splice at a shared token boundary.
+            rest = [i for i, (s, _) in enumerate(offs) if s >= p_end]
+            if rest and offs[rest[0]][0] == p_end:
+                k = rest[0]
+                ids = p_ids + ids[k:]
+                offs = [(0, 0)] * len(p_ids) + offs[k:]
+        last_start = rendered.spans[-1][0]
+        # Everything after the generation prompt up to the answer is produced by the model, hence trained.
+        spans = rendered.spans[:-1] + [(min(p_end, last_start), rendered.spans[-1][1])]
+    else:
+        spans = rendered.spans
+    labels = [IGNORE] * len(ids)
+    if train_all:
+        labels = list(ids)
+    else:
+        j = 0
+        for i, (s, e) in enumerate(offs):
+            while j < len(spans) and spans[j][1] <= s:
+                j += 1
+            if j < len(spans) and s < spans[j][1] and e > spans[j][0]:
+                labels[i] = ids[i]
+            elif j < len(spans) and s == e and spans[j][0] <= s < spans[j][1]:
+                labels[i] = ids[i]  # zero-width token inside a span
+    return Encoded(ids, labels)
+
+
+def encode_messages(tokenizer, template: Template, messages: list[Message], train_on: str = "completion") -> Encoded:
+    rendered = template.render(messages)
+    if train_on == "last_turn":
+        rendered = Rendered(rendered.text, rendered.spans[-1:])
+    elif train_on not in ("completion", "all"):
+        raise ConfigError(f"train_on: unknown value '{train_on}'; choose completion, last_turn or all")
+    return encode_rendered(tokenizer, rendered, train_all=train_on == "all",
+                           final_prompt_text=template.render_prompt(messages[:-1]))
+
+
+def encode_text(tokenizer, text: str) -> Encoded:
+    """Language-modelling rows: every token is trained, and EOS is appended so documents end."""
+    ids, _ = _tokenize(tokenizer, text)
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return Encoded(ids, list(ids))
+
+
+def last_answer_start(enc: Encoded) -> int:
+    """Index of the first token of the final trained run (the last answer)."""
+    i = len(enc.labels)
+    while i > 0 and enc.labels[i - 1] == IGNORE:
+        i -= 1
+    while i > 0 and enc.labels[i - 1] != IGNORE:
+        i -= 1
+    return i
+
+
+def cut_to_length(enc: Encoded, cutoff_len: int, answer_start: int) -> Encoded:
+    """Shorten to cutoff_len: the prompt is cut from the left, the answer from the right, its start always kept.
+
+    When the answer alone is too long, half of the budget still goes to the end of the prompt, so the model never
+    learns an answer without the question that precedes it."""
+    prompt, rest = enc.input_ids[:answer_start], enc.input_ids[answer_start:]
+    p_labels, r_labels = enc.labels[:answer_start], enc.labels[answer_start:]
+    keep_prompt = min(len(prompt), max(cutoff_len - len(rest), cutoff_len // 2))
+    keep_rest = cutoff_len - keep_prompt
+    start = len(prompt) - keep_prompt
+    return Encoded(prompt[start:] + rest[:keep_rest], p_labels[start:] + r_labels[:keep_rest], truncated=True)
+
+
+def stop_token_ids(tokenizer, template: Template | None) -> list[int]:
+    """EOS plus every end-of-turn string of the template that is a single token."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    for s in (template.stop_strings if template else []):
+        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(toks) == 1 and toks[0] not in ids:
+            ids.append(toks[0])
+    if not ids:
+        raise ConfigError("the tokenizer has no EOS token and the template no single-token end-of-turn marker")
+    return ids
+
+
+def check_template_tokens(tokenizer, template: Template) -> None:
+    """A template whose stop marker is not a token of this tokenizer cannot teach the model to stop."""
+    for s in template.stop_strings:
+        if not s:
+            continue
+        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1 and s.startswith("<") and s.endswith(">"):
+            raise DataError(
+                f"template '{template.name}': end-of-turn marker '{s}' is not a single token of this tokenizer "
+                f"(it splits into {len(toks)} pieces), so the model would not learn to stop; use a template "
+                "that matches the model (e.g. --template tokenizer)"
+            )

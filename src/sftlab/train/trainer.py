@@ -1,0 +1,95 @@
+"""`SFTTrainer`: Hugging Face's Trainer with sftlab's exact loss, exact evaluation and token accounting.
+
+* Training loss: the sum of cross-entropy over the trained tokens of a micro-batch divided by the number of trained
+  tokens of the whole optimizer step (all micro-batches, all ranks; Trainer counts them from `shift_labels`), so
+  batch size, accumulation and packing change speed, never the result.
+* Evaluation: loss and accuracy are sums over every trained token of the eval set divided once by their count
+  (micro-averaged over tokens, not averaged over batches), reduced per batch; no logits are kept.
+* Token counts: non-pad tokens and trained tokens seen by this rank, summed over ranks for the reports.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from transformers import Trainer
+
+from sftlab.train.loss import compute_sft_loss
+
+
+class SFTTrainer(Trainer):
+    # compute_loss below already divides by the step's trained-token count.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss_chunk_size: int = 1024, compute_accuracy: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_size = loss_chunk_size
+        self.compute_accuracy = compute_accuracy
+        self.tokens_seen = 0  # non-pad tokens, this rank
+        self.trained_tokens_seen = 0  # tokens with a label, this rank
+        self._eval_sums = None
+        # Trainer only counts num_items_in_batch when it believes the model takes loss kwargs; we always want it.
+        self.model_accepts_loss_kwargs = True
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size)
+        if model.training:
+            self.tokens_seen += int(inputs["attention_mask"].sum()) if inputs["attention_mask"].dim() == 2 else int(
+                (inputs["input_ids"] != -1).sum())
+            self.trained_tokens_seen += int(parts.n_tokens)
+        if num_items_in_batch is not None:
+            denom = num_items_in_batch
+            if torch.is_tensor(denom):
+                denom = denom.to(parts.loss_sum.device)
+            loss = parts.loss_sum / torch.clamp_min(torch.as_tensor(denom, dtype=parts.loss_sum.dtype,
+                                                                     device=parts.loss_sum.device), 1)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # DDP averages gradients over ranks; the count already covers all ranks, so undo that average.
+                loss = loss * self.args.world_size
+        else:
+            loss = parts.loss_sum / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
+        return (loss, None) if return_outputs else loss
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size, return_correct=True)
+        sums = self._eval_sums
+        if sums is not None:
+            sums += torch.stack([parts.loss_sum.detach().double(), parts.n_tokens.double(),
+                                 parts.n_correct.double()]).to(sums.device)
+        loss = parts.loss_sum.detach() / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
+        return loss, None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=True,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            sums = self._eval_sums
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            loss_sum, n, correct = (float(x) for x in sums)
+        finally:
+            self._eval_sums = None
+        if n > 0:
+            loss = loss_sum / n
+            output.metrics[f"{metric_key_prefix}_loss"] = loss
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 700.0))
+            if self.compute_accuracy:
+                output.metrics[f"{metric_key_prefix}_accuracy"] = correct / n
+            output.metrics[f"{metric_key_prefix}_trained_tokens"] = int(n)
+        return output
+
+    # ---- accounting ------------------------------------------------------------------------------------------
+    def global_token_counts(self) -> tuple[int, int]:
+        """(non-pad, trained) tokens processed in training, summed over ranks."""
+        t = torch.tensor([self.tokens_seen, self.trained_tokens_seen], dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return int(t[0]), int(t[1])

@@ -1,0 +1,315 @@
+"""The SFT workflow (LLaMA-Factory's run_sft, top to bottom): check, tokenizer, template, data, model, train,
+evaluate, predict, then results, plot and model card. `sftlab train` and `sftlab predict` both run it."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftlab.config import Config, save_config
+from sftlab.data.dataset import DataSummary, EncodeSettings, prediction_items, split_off, tokenize_files
+from sftlab.data.formats import FormatOptions
+from sftlab.data.templates import Template, load_saved_template, load_template, save_template
+from sftlab.data.tokenize import check_template_tokens, stop_token_ids
+from sftlab.errors import ConfigError, DataError
+from sftlab.outputs import plot_loss, write_json, write_model_card
+
+
+def log(msg: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"[sftlab] {msg}", flush=True)
+
+
+# ---- checks before anything heavy -----------------------------------------------------------------------------
+def preflight(cfg: Config) -> None:
+    """Everything that can be known without the model, so mistakes fail in the first seconds."""
+    t, d = cfg.training, cfg.data
+    if not (t.do_train or t.do_eval or t.do_predict):
+        if d.train_file:
+            t.do_train = True
+        else:
+            raise ConfigError("nothing to do: give --train_file (or --do_eval/--do_predict with their files)")
+    for name in ("train_file", "eval_file", "test_file", "dataset"):
+        for f in getattr(d, name, None) or []:
+            if not os.path.exists(f) and not (f.count("/") == 1 and not Path(f).suffix):
+                raise ConfigError(f"{name}: file not found: {f}")
+    if t.do_train and not d.train_file:
+        raise ConfigError("do_train: no training data; pass --train_file")
+    if t.do_predict and not d.test_file:
+        raise ConfigError("do_predict: no prediction data; pass --test_file")
+    if d.val_size and d.eval_file:
+        raise ConfigError("val_size and eval_file both given: choose one source of evaluation data")
+    if d.train_on not in ("completion", "last_turn", "all"):
+        raise ConfigError(f"train_on: unknown value '{d.train_on}'; choose completion, last_turn or all")
+    if d.truncation not in ("keep_answer", "drop", "error"):
+        raise ConfigError(f"truncation: unknown policy '{d.truncation}'; choose keep_answer, drop or error")
+    if d.cutoff_len < 8:
+        raise ConfigError(f"cutoff_len: {d.cutoff_len} is too small")
+    if d.rqa_context not in ("gold", "retrieved"):
+        raise ConfigError(f"rqa_context: unknown value '{d.rqa_context}'; choose gold or retrieved")
+    if cfg.finetuning.finetuning_type not in ("lora", "full", "freeze"):
+        raise ConfigError(f"finetuning_type: unknown '{cfg.finetuning.finetuning_type}'; choose lora, full or freeze")
+    if t.load_best_model_at_end and not (d.eval_file or d.val_size):
+        raise ConfigError("load_best_model_at_end needs evaluation data (--eval_file or --val_size)")
+    if getattr(t.eval_strategy, "value", t.eval_strategy) != "no" and not (d.eval_file or d.val_size):
+        raise ConfigError(f"eval_strategy={t.eval_strategy.value}: no evaluation data (--eval_file or --val_size)")
+    check_writable(t.output_dir)
+
+
+def check_writable(output_dir: str) -> None:
+    p = Path(output_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".sftlab-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write to {output_dir}: {e.strerror or e}") from None
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------------
+def resolve_template(cfg: Config, tokenizer, model_path: str | None) -> Template:
+    """The template asked for; else the one saved with the model (an sftlab output); else the tokenizer's own."""
+    d = cfg.data
+    asked = d.template is not None or d.user_prefix is not None or d.assistant_prefix is not None
+    if not asked:
+        for candidate in (cfg.model.adapter_name_or_path, cfg.model.model_name_or_path, model_path):
+            if candidate and os.path.isdir(candidate):
+                saved = load_saved_template(candidate, tokenizer)
+                if saved is not None:
+                    if d.system is not None:
+                        saved.default_system = d.system
+                    return saved
+    return load_template(d.template, tokenizer, data_args=d)
+
+
+def encode_settings(cfg: Config) -> EncodeSettings:
+    d = cfg.data
+    return EncodeSettings(
+        train_on=d.train_on, cutoff_len=d.cutoff_len, truncation=d.truncation, dataset_format=d.dataset_format,
+        column_mapping=d.column_mapping,
+        options=FormatOptions(role_map=d.sharegpt_role_map, sharegpt_keys=d.sharegpt_keys, system=None),
+    )
+
+
+@dataclass
+class Datasets:
+    train: list[dict] | None = None
+    eval: list[dict] | None = None
+    summaries: list[DataSummary] = field(default_factory=list)
+
+
+def build_datasets(cfg: Config, tokenizer, template: Template) -> Datasets:
+    d, t = cfg.data, cfg.training
+    s = encode_settings(cfg)
+    out = Datasets()
+
+    def tok(files, split):
+        ex, summ = tokenize_files(files, split, tokenizer, template, s, max_samples=d.max_samples,
+                                  num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
+                                  overwrite_cache=d.overwrite_cache)
+        out.summaries.append(summ)
+        log(summ.line())
+        return ex
+
+    # The main process tokenizes and fills the cache; the other ranks then read the cache.
+    with t.main_process_first(local=False, desc="tokenize"):
+        if t.do_train and d.train_file:
+            out.train = tok(d.train_file, "train")
+            if d.val_size:
+                out.train, out.eval = split_off(out.train, d.val_size, t.seed)
+                log(f"[eval] split off {len(out.eval)} of the training examples (val_size={d.val_size})")
+        if d.eval_file and (t.do_eval or t.do_train):
+            out.eval = tok(d.eval_file, "eval")
+    return out
+
+
+def maybe_pack(examples: list[dict] | None, cfg: Config) -> list[dict] | None:
+    if examples is None or not cfg.data.packing:
+        return examples
+    from sftlab.data.packing import pack_examples
+
+    packs = pack_examples(examples, cfg.data.cutoff_len)
+    log(f"packed {len(examples)} examples into {len(packs)} rows of up to {cfg.data.cutoff_len} tokens")
+    return packs
+
+
+class ListDataset:
+    """A list as a torch map-style dataset (Trainer needs __len__/__getitem__ only)."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def find_resume_checkpoint(cfg: Config) -> str | None:
+    t = cfg.training
+    if t.resume_from_checkpoint:
+        if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "1", "yes"):
+            ckpt = newest_checkpoint(t.output_dir)
+            if ckpt is None:
+                raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {t.output_dir}")
+            return ckpt
+        if not os.path.isdir(t.resume_from_checkpoint):
+            raise ConfigError(f"resume_from_checkpoint: not a directory: {t.resume_from_checkpoint}")
+        return t.resume_from_checkpoint
+    if cfg.finetuning.overwrite_output_dir or getattr(t, "overwrite_output_dir", False):
+        return None
+    return newest_checkpoint(t.output_dir)
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N in output_dir that was completely written (has its trainer_state.json)."""
+    import re
+
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+# ---- the workflow ---------------------------------------------------------------------------------------------
+def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+    """Train / evaluate / predict as selected by do_train, do_eval, do_predict; returns all metrics."""
+    import torch
+
+    from sftlab.data.collator import SFTCollator
+    from sftlab.models.load import count_parameters, load_model, load_tokenizer, resolve_model_path
+    from sftlab.train.callbacks import GracefulStop, LogCallback
+    from sftlab.train.trainer import SFTTrainer
+
+    preflight(cfg)
+    t = cfg.training
+    started = time.time()
+    model_path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(model_path)
+    template = resolve_template(cfg, tokenizer, model_path)
+    check_template_tokens(tokenizer, template)
+    log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}")
+    data = build_datasets(cfg, tokenizer, template)
+    predict_items = None
+    if t.do_predict:
+        predict_items = prediction_items(cfg.data.test_file, tokenizer, template, encode_settings(cfg),
+                                         cfg.data.max_samples)
+        log(f"[test] {len(predict_items)} prompts for prediction")
+
+    resume = find_resume_checkpoint(cfg) if t.do_train else None
+    model, base_path = load_model(cfg.model, cfg.finetuning, for_training=t.do_train)
+    if t.do_train:
+        trainable, total = count_parameters(model)
+        log(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, "
+            f"{cfg.finetuning.finetuning_type}); bf16 autocast {'on' if t.bf16 else 'off'}")
+
+    trainer_box: list = []
+    cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=None)
+    train_ds = ListDataset(maybe_pack(data.train, cfg)) if data.train is not None else None
+    eval_ds = ListDataset(maybe_pack(data.eval, cfg)) if data.eval is not None else None
+    trainer = SFTTrainer(
+        model=model, args=t, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, callbacks=cbs,
+        loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
+    )
+    trainer_box.append(trainer)
+    if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
+        from sftlab.rqa.e2e import attach_e2e_callback
+
+        attach_e2e_callback(trainer, cfg, tokenizer, template)
+
+    metrics: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        save_config(cfg, os.path.join(t.output_dir, "sftlab_config.yaml"))
+        save_template(template, t.output_dir)
+    if t.do_train:
+        if resume:
+            log(f"resuming from {resume} (pass --overwrite_output_dir true to start over)")
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()  # adapter only for LoRA
+        tokens, trained = trainer.global_token_counts()
+        runtime = result.metrics.get("train_runtime", time.time() - started)
+        train_metrics = dict(result.metrics)
+        train_metrics.update(
+            train_tokens=tokens, train_trained_tokens=trained,
+            train_tokens_per_second=round(tokens / max(runtime, 1e-9), 2),
+            train_target_tokens_per_second=round(trained / max(runtime, 1e-9), 2),
+        )
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(t.output_dir)
+            save_template(template, t.output_dir)
+            write_json(os.path.join(t.output_dir, "train_results.json"), train_metrics)
+            trainer.state.save_to_json(os.path.join(t.output_dir, "trainer_state.json"))
+            if cfg.finetuning.plot_loss:
+                plot_loss(t.output_dir)
+        metrics.update(train_metrics)
+        log(f"train_loss {train_metrics.get('train_loss', float('nan')):.4f}, "
+            f"{train_metrics['train_tokens_per_second']:.1f} tokens/s "
+            f"({train_metrics['train_target_tokens_per_second']:.1f} trained tokens/s)")
+    if t.do_eval and eval_ds is not None:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        if trainer.is_world_process_zero():
+            write_json(os.path.join(t.output_dir, "eval_results.json"), eval_metrics)
+        log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
+    if t.do_predict and predict_items:
+        metrics.update(run_predict(cfg, trainer.model, tokenizer, template, predict_items, trainer))
+    if t.do_train and trainer.is_world_process_zero():
+        if cfg.finetuning.plot_loss:
+            plot_loss(t.output_dir)
+        write_model_card(t.output_dir, cfg, base_path, template.name, metrics, [s.line() for s in data.summaries])
+        write_json(os.path.join(t.output_dir, "all_results.json"), metrics)
+    return metrics
+
+
+def run_predict(cfg: Config, model, tokenizer, template: Template, items, trainer=None) -> dict[str, Any]:
+    """Batched greedy generation over the test prompts; generated_predictions.jsonl and predict_results.json."""
+    import torch
+
+    from sftlab.eval.generate import generate_batched, write_predictions
+    from sftlab.eval.metrics import text_metrics
+
+    t = cfg.training
+    if trainer is not None and not trainer.is_world_process_zero():
+        return {}
+    gen = cfg.generating
+    model = getattr(model, "module", model)
+    bs = gen.generation_batch_size or t.per_device_eval_batch_size
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if (t.bf16 and not torch.cuda.is_available()) else _null()
+    with ctx:
+        result = generate_batched(model, tokenizer, [it.prompt_ids for it in items], gen,
+                                  stop_token_ids(tokenizer, template), batch_size=bs)
+    preds = result.texts
+    labels = [it.label for it in items]
+    write_predictions(os.path.join(t.output_dir, "generated_predictions.jsonl"), [it.prompt for it in items],
+                      preds, labels)
+    scores = {f"predict_{k}": v for k, v in text_metrics(preds, labels).items()}
+    scores["predict_tokens_per_second"] = round(result.tokens_per_second, 2)
+    scores["predict_new_tokens"] = result.new_tokens
+    scores["predict_runtime"] = round(result.seconds, 3)
+    scores["predict_samples"] = len(items)
+    write_json(os.path.join(t.output_dir, "predict_results.json"), scores)
+    log("predict: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+    return scores
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
