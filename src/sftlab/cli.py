@@ -57,6 +57,10 @@ def cmd_train(argv: list[str]) -> int:
     cfg = parse_config(argv)
     from sftlab.workflow import run_sft
 
+    if "do_train" not in cfg.explicit and cfg.data.train_file:
+        cfg.training.do_train = True  # `sftlab train` trains unless told otherwise
+    if "do_eval" not in cfg.explicit and cfg.data.eval_file or cfg.data.val_size:
+        cfg.training.do_eval = True
     run_sft(cfg)
     return 0
 

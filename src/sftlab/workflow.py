@@ -192,7 +192,7 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     from sftlab.data.collator import SFTCollator
     from sftlab.models.load import count_parameters, load_model, load_tokenizer, resolve_model_path
     from sftlab.train.callbacks import GracefulStop, LogCallback
-    from sftlab.train.trainer import SFTTrainer
+    from sftlab.train.trainer import CountingCollator, SFTTrainer
 
     preflight(cfg)
     t = cfg.training
@@ -218,7 +218,10 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
 
     trainer_box: list = []
     cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=None)
+    from sftlab.data.collator import mask_mode_for_attention
+
+    collator = CountingCollator(SFTCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=None,
+                                            mask_mode=mask_mode_for_attention(model.config._attn_implementation)))
     train_ds = ListDataset(maybe_pack(data.train, cfg)) if data.train is not None else None
     eval_ds = ListDataset(maybe_pack(data.eval, cfg)) if data.eval is not None else None
     trainer = SFTTrainer(
@@ -227,6 +230,9 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
     )
     trainer_box.append(trainer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # LogCallback prints a readable line instead of raw dicts
     if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
         from sftlab.rqa.e2e import attach_e2e_callback
 

@@ -19,6 +19,31 @@ from transformers import Trainer
 from sftlab.train.loss import compute_sft_loss
 
 
+REAL_TOKENS_KEY = "sftlab_real_tokens"
+
+
+def real_token_count(inputs: dict) -> int:
+    """Non-pad tokens of a batch: counted by `CountingCollator` from the features, else from the 2-D mask."""
+    if REAL_TOKENS_KEY in inputs:
+        return int(inputs[REAL_TOKENS_KEY])
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(inputs["input_ids"].numel())
+
+
+class CountingCollator:
+    """Wraps a collator and records how many real (non-pad) tokens the batch holds, for tokens/s figures."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.inner(features)
+        batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        return batch
+
+
 class SFTTrainer(Trainer):
     # compute_loss below already divides by the step's trained-token count.
     loss_is_scaled_for_ga = True
@@ -37,8 +62,7 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size)
         if model.training:
-            self.tokens_seen += int(inputs["attention_mask"].sum()) if inputs["attention_mask"].dim() == 2 else int(
-                (inputs["input_ids"] != -1).sum())
+            self.tokens_seen += real_token_count(inputs)
             self.trained_tokens_seen += int(parts.n_tokens)
         if num_items_in_batch is not None:
             denom = num_items_in_batch
