@@ -247,9 +247,10 @@ RQA_INSTRUCTION = "Answer the question using the passages below."
 
 
 def default_fmt_content(page_content: str, metadata: dict | None) -> str:
-    """LocalRQA's passage layout when a document has no fmt_content."""
-    metadata = metadata or {}
-    return f"Source: {metadata.get('source', '')}\nTitle: {metadata.get('title', '')}\nContent:\n{page_content}"
+    """LocalRQA's passage layout when a document has no fmt_content (one rule, kept in rqa.documents)."""
+    from sftlab.rqa.documents import default_fmt_content as rule
+
+    return rule(page_content, metadata)
 
 
 def format_passage(doc: Any) -> str:
