@@ -1,0 +1,194 @@
+"""Exact SFT loss without full-vocabulary logits over every position.
+
+The model is run through its outermost wrapper (DDP / peft / compiled) so wrapper logic (DDP gradient
+synchronisation, active LoRA adapters) stays in effect, but with ``logits_to_keep=1`` so the LM head only
+runs on one position per row. The final hidden states are captured from the decoder backbone with a forward
+hook, gathered at the trained positions (``shift_labels != -100``), and projected to the vocabulary in chunks
+with fp32 log-softmax. Each chunk runs under activation checkpointing, so its logits are recomputed in
+backward instead of kept alive: memory beyond the backbone is O(chunk_size x vocab), not O(tokens x vocab).
+
+The result is a *sum* over tokens plus the token count; the trainer divides by the number of trained tokens
+in the whole optimizer step (``num_items_in_batch``), which makes the loss independent of batch size,
+gradient accumulation and packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sftlab.errors import ConfigError
+
+IGNORE_INDEX = -100
+# Batch keys that go to the model; everything else (labels, shift_labels, seq_lens...) stays out so the model
+# never computes its own full-logits loss.
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
+
+
+@dataclass
+class LossParts:
+    """Sum of per-token cross-entropy over trained tokens, their count, and (optionally) argmax hits."""
+
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    n_correct: torch.Tensor | None = None
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying HF causal LM under DDP/DataParallel, torch.compile and peft wrappers.
+
+    peft's LoRA layers are injected into this same module tree, so they remain active when it runs."""
+    seen = 0
+    while seen < 10:
+        seen += 1
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft PeftModel
+            inner = model.get_base_model()
+            if inner is model:
+                break
+            model = inner
+        else:
+            break
+    return model
+
+
+def _head_parts(base: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
+    """The decoder backbone, the output-embedding module and the final logit softcap of a causal LM."""
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    name = type(base).__name__
+    if decoder is None or decoder is base or lm_head is None:
+        raise ConfigError(f"{name}: cannot find the decoder backbone and output embeddings for the chunked SFT loss")
+    config = base.config
+    # Heads that post-process logits in ways we do not reproduce: refuse instead of silently training wrong.
+    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ConfigError(f"{name}: config.{attr}={value} (scaled LM head) is not supported by the SFT loss")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return decoder, lm_head, (float(softcap) if softcap else None)
+
+
+def _check_attention(base: torch.nn.Module, model_inputs: dict, batch_size: int) -> None:
+    """Refuse input layouts the model's attention implementation would silently get wrong."""
+    impl = getattr(base.config, "_attn_implementation", None) or ""
+    mask = model_inputs.get("attention_mask")
+    if "flash" in impl:
+        if mask is not None and mask.dim() == 4:
+            raise ConfigError(f"attention '{impl}' cannot take a 4-D mask; use the collator's mask_mode='flatten'")
+        # Rows with restarting positions and no mask: flash only detects packing at batch size 1.
+        if mask is None and "cu_seq_lens_q" not in model_inputs and batch_size > 1:
+            raise ConfigError(f"attention '{impl}' with packed rows needs the collator's mask_mode='flatten'")
+    elif mask is not None and mask.dim() == 4 and impl not in ("sdpa", "eager"):
+        raise ConfigError(f"a 4-D attention mask is only supported with sdpa/eager attention, not '{impl}'")
+
+
+def _model_inputs(base: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> dict:
+    model_inputs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs and inputs[k] is not None}
+    mask = model_inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
+        impl = getattr(base.config, "_attn_implementation", None)
+        if impl == "eager":
+            # Eager attention *adds* the mask to the scores, so it needs an additive float mask.
+            model_inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+    return model_inputs
+
+
+def _chunk_ce(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and argmax hits of one chunk; logits exist only inside this call."""
+    logits = lm_head(hidden).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    hits = (logits.detach().argmax(dim=-1) == targets).sum()
+    return loss, hits
+
+
+def compute_sft_loss(
+    model: torch.nn.Module,
+    inputs: dict,
+    chunk_size: int = 1024,
+    return_correct: bool = False,
+    recompute_chunks: bool = True,
+) -> LossParts:
+    """Sum of next-token cross-entropy over positions with ``shift_labels != -100``, computed chunk-wise.
+
+    ``inputs`` is a collator batch (``sftlab.data.collator.SFTCollator``); if it has no ``shift_labels`` they
+    are derived from ``labels`` by shifting each row (only right for unpacked rows). ``chunk_size`` positions
+    are projected to the vocabulary at a time; ``recompute_chunks`` recomputes each chunk's logits in backward
+    (activation checkpointing) instead of storing them. A batch without trained tokens gives a zero
+    ``loss_sum`` that is still connected to the graph (zero, finite gradients).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    shift_labels = inputs.get("shift_labels")
+    if shift_labels is None:
+        labels = inputs["labels"]
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+    base = unwrap_model(model)
+    decoder, lm_head, softcap = _head_parts(base)
+    model_inputs = _model_inputs(base, inputs, next(base.parameters()).dtype)
+    _check_attention(base, model_inputs, shift_labels.shape[0])
+
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    # Run the outermost model (keeps DDP sync and peft hooks); logits_to_keep=1 keeps its own head cheap.
+    handle = decoder.register_forward_hook(grab)
+    try:
+        model(**model_inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one decoder forward pass, saw {len(captured)}")
+    hidden = captured[0]
+    if hidden.shape[:2] != shift_labels.shape:
+        raise ConfigError(
+            f"decoder output {tuple(hidden.shape[:2])} does not line up with the labels {tuple(shift_labels.shape)}"
+            " (prompt-learning adapters that add virtual tokens are not supported)"
+        )
+
+    keep = shift_labels != IGNORE_INDEX
+    n_tokens = keep.sum()
+    h = hidden[keep]  # (N, H): only trained positions ever reach the LM head
+    targets = shift_labels[keep]
+
+    if h.shape[0] == 0:
+        # Empty projection: an exact 0 connected to backbone and head, so every parameter gets a zero grad.
+        loss_sum = lm_head(h).float().sum()
+        n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    else:
+        parts, hits = [], []
+        for start in range(0, h.shape[0], chunk_size):
+            args = (h[start : start + chunk_size], targets[start : start + chunk_size], lm_head, softcap)
+            if recompute_chunks and torch.is_grad_enabled():
+                loss, hit = checkpoint(_chunk_ce, *args, use_reentrant=False)
+            else:
+                loss, hit = _chunk_ce(*args)
+            parts.append(loss)
+            hits.append(hit)
+        loss_sum = torch.stack(parts).sum()
+        n_correct = torch.stack(hits).sum()
+    return LossParts(loss_sum=loss_sum, n_tokens=n_tokens, n_correct=n_correct if return_correct else None)
