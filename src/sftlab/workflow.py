@@ -53,6 +53,10 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"cutoff_len: {d.cutoff_len} is too small")
     if d.rqa_context not in ("gold", "retrieved"):
         raise ConfigError(f"rqa_context: unknown value '{d.rqa_context}'; choose gold or retrieved")
+    if cfg.rqa.full_dataset_file_path or d.rqa_context == "retrieved":
+        from sftlab.rqa.e2e import check_rqa_options
+
+        check_rqa_options(cfg)
     if cfg.finetuning.finetuning_type not in ("lora", "full", "freeze"):
         raise ConfigError(f"finetuning_type: unknown '{cfg.finetuning.finetuning_type}'; choose lora, full or freeze")
     if t.load_best_model_at_end and not (d.eval_file or d.val_size):
@@ -105,12 +109,16 @@ class Datasets:
     summaries: list[DataSummary] = field(default_factory=list)
 
 
-def build_datasets(cfg: Config, tokenizer, template: Template) -> Datasets:
+def build_datasets(cfg: Config, tokenizer, template: Template, retriever=None) -> Datasets:
     d, t = cfg.data, cfg.training
     s = encode_settings(cfg)
     out = Datasets()
 
     def tok(files, split):
+        if d.rqa_context == "retrieved":
+            from sftlab.rqa.e2e import retrieved_context_files
+
+            files = retrieved_context_files(files, split, cfg, retriever)
         ex, summ = tokenize_files(files, split, tokenizer, template, s, max_samples=d.max_samples,
                                   num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
                                   overwrite_cache=d.overwrite_cache)
@@ -202,14 +210,27 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     template = resolve_template(cfg, tokenizer, model_path)
     check_template_tokens(tokenizer, template)
     log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}")
-    data = build_datasets(cfg, tokenizer, template)
+    retriever = None
+    if cfg.rqa.full_dataset_file_path:
+        from sftlab.rqa.e2e import open_rqa_retriever
+
+        retriever = open_rqa_retriever(cfg, tokenizer)
+    data = build_datasets(cfg, tokenizer, template, retriever)
     predict_items = None
     if t.do_predict:
-        predict_items = prediction_items(cfg.data.test_file, tokenizer, template, encode_settings(cfg),
+        test_files = cfg.data.test_file
+        if cfg.data.rqa_context == "retrieved":
+            from sftlab.rqa.e2e import retrieved_context_files
+
+            test_files = retrieved_context_files(test_files, "test", cfg, retriever)
+        predict_items = prediction_items(test_files, tokenizer, template, encode_settings(cfg),
                                          cfg.data.max_samples)
         log(f"[test] {len(predict_items)} prompts for prediction")
 
     resume = find_resume_checkpoint(cfg) if t.do_train else None
+    from transformers import set_seed
+
+    set_seed(t.seed)  # LoRA initialisation draws random numbers: the same --seed must give the same adapter
     model, base_path = load_model(cfg.model, cfg.finetuning, for_training=t.do_train)
     if t.do_train:
         trainable, total = count_parameters(model)
@@ -236,7 +257,7 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
         from sftlab.rqa.e2e import attach_e2e_callback
 
-        attach_e2e_callback(trainer, cfg, tokenizer, template)
+        attach_e2e_callback(trainer, cfg, tokenizer, template, retriever)
 
     metrics: dict[str, Any] = {}
     if trainer.is_world_process_zero():
@@ -246,7 +267,9 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         if resume:
             log(f"resuming from {resume} (pass --overwrite_output_dir true to start over)")
         result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()  # adapter only for LoRA
+        from sftlab.train.checkpoint import save_final_model
+
+        save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
         tokens, trained = trainer.global_token_counts()
         runtime = result.metrics.get("train_runtime", time.time() - started)
         train_metrics = dict(result.metrics)
@@ -268,12 +291,22 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             f"({train_metrics['train_target_tokens_per_second']:.1f} trained tokens/s)")
     if t.do_eval and eval_ds is not None:
         eval_metrics = trainer.evaluate()
+        if t.predict_with_generate and cfg.data.eval_file:
+            # Generative evaluation, as LLaMA-Factory's predict_with_generate: ROUGE/BLEU/EM/F1 on the eval rows.
+            eval_items = prediction_items(cfg.data.eval_file, tokenizer, template, encode_settings(cfg),
+                                          cfg.data.max_samples)
+            eval_metrics.update(run_predict(cfg, trainer.model, tokenizer, template, eval_items, trainer,
+                                            prefix="eval", write_results=False))
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero():
             write_json(os.path.join(t.output_dir, "eval_results.json"), eval_metrics)
         log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
     if t.do_predict and predict_items:
         metrics.update(run_predict(cfg, trainer.model, tokenizer, template, predict_items, trainer))
+    if retriever is not None and cfg.data.test_file:
+        from sftlab.rqa.e2e import run_e2e_test
+
+        metrics.update(run_e2e_test(trainer, cfg, tokenizer, template, retriever))
     if t.do_train and trainer.is_world_process_zero():
         if cfg.finetuning.plot_loss:
             plot_loss(t.output_dir)
@@ -282,8 +315,10 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     return metrics
 
 
-def run_predict(cfg: Config, model, tokenizer, template: Template, items, trainer=None) -> dict[str, Any]:
-    """Batched greedy generation over the test prompts; generated_predictions.jsonl and predict_results.json."""
+def run_predict(cfg: Config, model, tokenizer, template: Template, items, trainer=None, prefix: str = "predict",
+                write_results: bool = True) -> dict[str, Any]:
+    """Batched greedy generation over prompts; generated_predictions.jsonl (eval_predictions.jsonl for the eval
+    phase) and predict_results.json with ROUGE-1/2/L, BLEU-4, exact match and F1 (0-100) and generation speed."""
     import torch
 
     from sftlab.eval.generate import generate_batched, write_predictions
@@ -301,15 +336,16 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
                                   stop_token_ids(tokenizer, template), batch_size=bs)
     preds = result.texts
     labels = [it.label for it in items]
-    write_predictions(os.path.join(t.output_dir, "generated_predictions.jsonl"), [it.prompt for it in items],
-                      preds, labels)
-    scores = {f"predict_{k}": v for k, v in text_metrics(preds, labels).items()}
-    scores["predict_tokens_per_second"] = round(result.tokens_per_second, 2)
-    scores["predict_new_tokens"] = result.new_tokens
-    scores["predict_runtime"] = round(result.seconds, 3)
-    scores["predict_samples"] = len(items)
-    write_json(os.path.join(t.output_dir, "predict_results.json"), scores)
-    log("predict: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+    name = "generated_predictions.jsonl" if prefix == "predict" else f"{prefix}_predictions.jsonl"
+    write_predictions(os.path.join(t.output_dir, name), [it.prompt for it in items], preds, labels)
+    scores = {f"{prefix}_{k}": v for k, v in text_metrics(preds, labels).items()}
+    scores[f"{prefix}_generation_tokens_per_second"] = round(result.tokens_per_second, 2)
+    scores[f"{prefix}_new_tokens"] = result.new_tokens
+    scores[f"{prefix}_generation_runtime"] = round(result.seconds, 3)
+    scores[f"{prefix}_samples"] = len(items)
+    if write_results:
+        write_json(os.path.join(t.output_dir, f"{prefix}_results.json"), scores)
+    log(f"{prefix}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
     return scores
 
 

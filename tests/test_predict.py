@@ -1,0 +1,58 @@
+"""`sftlab predict` on an output directory: the same eval_loss as the trainer reported, and prediction files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftlab.cli import main
+
+
+def test_predict_on_lora_output_dir_reproduces_eval_loss_and_writes_predictions(tmp_path, tiny_model_dir):
+    rows = [{"instruction": f"Repeat the word number {i}.", "output": f"word {i}"} for i in range(20)]
+    train, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows[:14]) + "\n")
+    ev.write_text("\n".join(json.dumps(r) for r in rows[14:]) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", "--model_name_or_path", tiny_model_dir, "--train_file", str(train), "--eval_file", str(ev),
+                 "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "2",
+                 "--learning_rate", "5e-3", "--bf16", "false", "--do_eval", "--save_strategy", "no",
+                 "--per_device_eval_batch_size", "4", "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    reported = json.loads((out / "eval_results.json").read_text())
+    assert 0 <= reported["eval_accuracy"] <= 1 and reported["eval_perplexity"] > 1
+
+    assert main(["predict", str(out), "--eval_file", str(ev), "--test_file", str(ev), "--max_new_tokens", "6",
+                 "--per_device_eval_batch_size", "3", "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    pred_dir = out / "predict"
+    again = json.loads((pred_dir / "eval_results.json").read_text())
+    # Different batch size, merged adapter: the token-level mean loss is the same number.
+    assert again["eval_loss"] == pytest.approx(reported["eval_loss"], rel=1e-5)
+    assert again["eval_accuracy"] == pytest.approx(reported["eval_accuracy"])
+    lines = [json.loads(l) for l in (pred_dir / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(set(l) == {"prompt", "predict", "label"} for l in lines)
+    assert lines[0]["label"] == "word 14" and "Repeat the word number 14." in lines[0]["prompt"]
+    assert lines[0]["prompt"].endswith("<|im_start|>assistant\n")  # the saved template, generation prompt included
+    res = json.loads((pred_dir / "predict_results.json").read_text())
+    for k in ("predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_bleu-4", "predict_exact_match",
+              "predict_f1", "predict_generation_tokens_per_second"):
+        assert k in res, k
+    for k in ("predict_rouge-1", "predict_rouge-l", "predict_bleu-4", "predict_exact_match", "predict_f1"):
+        assert 0 <= res[k] <= 100
+
+
+def test_eval_loss_is_independent_of_eval_batch_size(tmp_path, tiny_model_dir):
+    """Token-level micro-averaging: batch 1 and batch 5 give the same eval_loss (HF's default averages batches)."""
+    rows = [{"instruction": "q" * (i + 1), "output": "a " * (i % 4 + 1)} for i in range(10)]
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    results = []
+    for bs in ("1", "5"):
+        out = tmp_path / f"out{bs}"
+        assert main(["predict", tiny_model_dir, "--eval_file", str(ev), "--output_dir", str(out), "--bf16", "false",
+                     "--per_device_eval_batch_size", bs, "--template", "chatml",
+                     "--data_cache_dir", str(tmp_path / "cache")]) == 0
+        results.append(json.loads((out / "eval_results.json").read_text()))
+    assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-5)
+    assert results[0]["eval_trained_tokens"] == results[1]["eval_trained_tokens"]
