@@ -31,6 +31,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
+    try:  # per-tensor "Loading weights" bars drown the progress line that matters
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -127,7 +133,7 @@ def cmd_chat(argv: list[str]) -> int:
     template = resolve_template(cfg, tok, path)
     from sftlab.chat import chat_loop
 
-    print(f"sftlab chat with {cfg.model.model_name_or_path} (template '{template.name}'); /reset clears, /exit quits")
+    print(f"sftlab chat with {cfg.model.model_name_or_path} (template '{template.name}')")
     chat_loop(m, tok, template, cfg.generating, system=cfg.data.system)
     return 0
 

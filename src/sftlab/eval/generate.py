@@ -1,0 +1,183 @@
+"""Batched generation for evaluation/prediction, and the predictions JSONL writer.
+
+Prompts arrive already tokenized (the template decides the exact ids), so batching pads the id lists itself:
+on the LEFT, so that every row's last prompt token sits at the same position and new tokens are appended
+right after it. The caller's tokenizer is never touched (no padding_side flip to undo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sftlab.config import GeneratingArguments
+
+__all__ = [
+    "GenerationResult",
+    "build_generation_config",
+    "cut_at_stop",
+    "generate_batched",
+    "model_device",
+    "pad_token_id",
+    "write_predictions",
+]
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate_batched`, in the caller's prompt order."""
+
+    sequences: list[list[int]]  # new ids per prompt, cut before the first stop token
+    texts: list[str]  # decoded sequences (special tokens skipped, stripped)
+    new_tokens: int  # tokens the model produced, each row up to and including its stop token
+    seconds: float  # wall time spent in generate()
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def pad_token_id(tokenizer, stop_token_ids: Sequence[int] = ()) -> int:
+    """The tokenizer's pad id, else its eos id (many causal LMs ship without a pad token), else a stop id, else 0.
+
+    Which id pads does not matter for the output: padded positions are masked out of attention.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *stop_token_ids):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def model_device(model):
+    """Device of the model's first parameter (works for plain and PeftModel-wrapped models)."""
+    return next(model.parameters()).device
+
+
+def build_generation_config(gen_args: GeneratingArguments, stop_token_ids: Sequence[int], pad_id: int):
+    """A GenerationConfig from GeneratingArguments: greedy unless do_sample; stops at any of stop_token_ids."""
+    from transformers import GenerationConfig
+
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=gen_args.max_new_tokens,
+        do_sample=gen_args.do_sample,
+        repetition_penalty=gen_args.repetition_penalty,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    if gen_args.do_sample:
+        # Only meaningful when sampling; passing them to greedy search makes transformers warn.
+        kwargs.update(temperature=gen_args.temperature, top_p=gen_args.top_p, top_k=gen_args.top_k)
+    # generate() accepts a list and stops a row at the first id from it. Always set it, even empty: a None here
+    # would be filled in from the model's own generation_config, i.e. stop ids the caller did not ask for.
+    kwargs["eos_token_id"] = [int(t) for t in stop_token_ids]
+    return GenerationConfig(**kwargs)
+
+
+def cut_at_stop(ids: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """ids up to (excluding) the first stop id, and whether a stop id was found."""
+    stops = set(int(t) for t in stop_token_ids)
+    for i, tok in enumerate(ids):
+        if int(tok) in stops:
+            return [int(t) for t in ids[:i]], True
+    return [int(t) for t in ids], False
+
+
+def _left_pad(batch: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(p) for p in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    gen_args: GeneratingArguments,
+    stop_token_ids: list[int],
+    batch_size: int = 8,
+) -> GenerationResult:
+    """Generate a continuation for every tokenized prompt, ``batch_size`` prompts per generate() call.
+
+    Prompts are sorted by length so each batch pads little, and results are put back in input order.
+    The model is switched to eval mode for the call (its previous mode is restored afterwards).
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+    pad_id = pad_token_id(tokenizer, stop_token_ids)
+    config = build_generation_config(gen_args, stop_token_ids, pad_id)
+    device = model_device(model)
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sequences: list[list[int]] = [[] for _ in prompts]
+    new_tokens = 0
+    seconds = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                input_ids, attention_mask = _left_pad([list(prompts[i]) for i in idx], pad_id)
+                t0 = time.perf_counter()
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                )
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds += time.perf_counter() - t0
+                generated = out[:, input_ids.shape[1] :].tolist()
+                for i, row in zip(idx, generated):
+                    kept, stopped = cut_at_stop(row, stop_token_ids)
+                    sequences[i] = kept
+                    new_tokens += len(kept) + int(stopped)
+    finally:
+        model.train(was_training)
+
+    texts = [tokenizer.decode(s, skip_special_tokens=True).strip() for s in sequences]
+    return GenerationResult(sequences=sequences, texts=texts, new_tokens=new_tokens, seconds=seconds)
+
+
+def write_predictions(
+    path: str | os.PathLike, prompts: list[str], predicts: list[str], labels: list[str]
+) -> Path:
+    """Write ``{"prompt", "predict", "label"}`` JSON lines (UTF-8, not ASCII-escaped), atomically.
+
+    The file is written next to its destination and renamed into place, so a crash never leaves a truncated
+    predictions file that looks complete.
+    """
+    if not (len(prompts) == len(predicts) == len(labels)):
+        raise ValueError(
+            f"write_predictions: {len(prompts)} prompts, {len(predicts)} predictions, {len(labels)} labels"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for prompt, predict, label in zip(prompts, predicts, labels):
+                f.write(json.dumps({"prompt": prompt, "predict": predict, "label": label}, ensure_ascii=False))
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
