@@ -251,6 +251,11 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
     )
     trainer_box.append(trainer)
+    wants_fsdp = bool(t.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if wants_fsdp and not getattr(trainer, "is_fsdp_enabled", False):
+        # accelerate enables FSDP for GPU (and other accelerator) backends only; elsewhere it silently trains DDP.
+        log("FSDP was requested but is not active on this device (accelerate enables it on GPUs only); "
+            "training runs as plain data parallelism (DDP)")
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # LogCallback prints a readable line instead of raw dicts
@@ -319,7 +324,6 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
                 write_results: bool = True) -> dict[str, Any]:
     """Batched greedy generation over prompts; generated_predictions.jsonl (eval_predictions.jsonl for the eval
     phase) and predict_results.json with ROUGE-1/2/L, BLEU-4, exact match and F1 (0-100) and generation speed."""
-    import torch
 
     from sftlab.eval.generate import generate_batched, write_predictions
     from sftlab.eval.metrics import text_metrics
@@ -330,10 +334,10 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     gen = cfg.generating
     model = getattr(model, "module", model)
     bs = gen.generation_batch_size or t.per_device_eval_batch_size
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if (t.bf16 and not torch.cuda.is_available()) else _null()
-    with ctx:
-        result = generate_batched(model, tokenizer, [it.prompt_ids for it in items], gen,
-                                  stop_token_ids(tokenizer, template), batch_size=bs)
+    # No autocast here: it re-casts every weight at every decoding step, which made CPU generation 2-3x slower
+    # than plain fp32 (benchmarks/results/generation_bf16_small.json). A model loaded in bf16 stays bf16.
+    result = generate_batched(model, tokenizer, [it.prompt_ids for it in items], gen,
+                              stop_token_ids(tokenizer, template), batch_size=bs)
     preds = result.texts
     labels = [it.label for it in items]
     name = "generated_predictions.jsonl" if prefix == "predict" else f"{prefix}_predictions.jsonl"
@@ -348,10 +352,3 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     log(f"{prefix}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
     return scores
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
