@@ -15,7 +15,7 @@ from sftlab.config import Config, save_config
 from sftlab.data.dataset import DataSummary, EncodeSettings, prediction_items, split_off, tokenize_files
 from sftlab.data.formats import FormatOptions
 from sftlab.data.templates import Template, load_saved_template, load_template, save_template
-from sftlab.data.tokenize import check_template_tokens, stop_token_ids
+from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError, DataError
 from sftlab.outputs import plot_loss, write_json, write_model_card
 
@@ -337,7 +337,8 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     # No autocast here: it re-casts every weight at every decoding step, which made CPU generation 2-3x slower
     # than plain fp32 (benchmarks/results/generation_bf16_small.json). A model loaded in bf16 stays bf16.
     result = generate_batched(model, tokenizer, [it.prompt_ids for it in items], gen,
-                              stop_token_ids(tokenizer, template), batch_size=bs)
+                              stop_token_ids(tokenizer, template), batch_size=bs,
+                              stop_strings=multi_token_stop_strings(tokenizer, template))
     preds = result.texts
     labels = [it.label for it in items]
     name = "generated_predictions.jsonl" if prefix == "predict" else f"{prefix}_predictions.jsonl"

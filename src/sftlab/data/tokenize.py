@@ -138,8 +138,24 @@ def stop_token_ids(tokenizer, template: Template | None) -> list[int]:
     return ids
 
 
+def multi_token_stop_strings(tokenizer, template: Template | None) -> list[str]:
+    """End-of-turn strings that are not single tokens: generation watches for them as text."""
+    out = []
+    for s in (template.stop_strings if template else []):
+        if s and len(tokenizer(s, add_special_tokens=False)["input_ids"]) != 1:
+            out.append(s)
+    return out
+
+
 def check_template_tokens(tokenizer, template: Template) -> None:
-    """A template whose stop marker is not a token of this tokenizer cannot teach the model to stop."""
+    """A named template whose end-of-turn marker is not a token of this tokenizer was written for another model
+    family; using it would teach a marker the model cannot emit as one token. Prefix templates (LocalRQA flags)
+    are the user's explicit choice: their markers are trained as text and generation stops on the string."""
+    if template.name == "prefix":
+        for s in multi_token_stop_strings(tokenizer, template):
+            print(f"[sftlab] note: end-of-turn marker {s!r} is not a single token of this tokenizer; it is trained "
+                  "as text and generation stops when the text appears")
+        return
     for s in template.stop_strings:
         if not s:
             continue

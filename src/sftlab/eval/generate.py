@@ -87,6 +87,16 @@ def cut_at_stop(ids: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list
     return [int(t) for t in ids], False
 
 
+def _cut_text(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string."""
+    cut = len(text)
+    for s in stop_strings:
+        at = text.find(s)
+        if at >= 0:
+            cut = min(cut, at)
+    return text[:cut]
+
+
 def _left_pad(batch: list[list[int]], pad_id: int):
     import torch
 
@@ -106,11 +116,14 @@ def generate_batched(
     gen_args: GeneratingArguments,
     stop_token_ids: list[int],
     batch_size: int = 8,
+    stop_strings: Sequence[str] = (),
 ) -> GenerationResult:
     """Generate a continuation for every tokenized prompt, ``batch_size`` prompts per generate() call.
 
     Prompts are sorted by length so each batch pads little, and results are put back in input order.
     The model is switched to eval mode for the call (its previous mode is restored afterwards).
+    ``stop_strings`` are end-of-turn markers that are not single tokens (e.g. ``</s>`` for a tokenizer that lacks
+    it): generation stops when one appears and the text is cut before it.
     """
     import torch
 
@@ -121,6 +134,11 @@ def generate_batched(
             raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
     pad_id = pad_token_id(tokenizer, stop_token_ids)
     config = build_generation_config(gen_args, stop_token_ids, pad_id)
+    stop_strings = [s for s in stop_strings if s]
+    extra: dict[str, Any] = {}
+    if stop_strings:
+        config.stop_strings = stop_strings
+        extra["tokenizer"] = tokenizer  # generate() needs it to match strings across token boundaries
     device = model_device(model)
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -139,6 +157,7 @@ def generate_batched(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
+                    **extra,
                 )
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -151,7 +170,7 @@ def generate_batched(
     finally:
         model.train(was_training)
 
-    texts = [tokenizer.decode(s, skip_special_tokens=True).strip() for s in sequences]
+    texts = [_cut_text(tokenizer.decode(s, skip_special_tokens=True), stop_strings).strip() for s in sequences]
     return GenerationResult(sequences=sequences, texts=texts, new_tokens=new_tokens, seconds=seconds)
 
 
