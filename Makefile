@@ -27,7 +27,7 @@ demo-rqa: $(STAMP)
 	$(BIN)/python examples/rqa/run_demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q
 
 bench: $(STAMP)
 	$(BIN)/pip install -q "trl==1.16.0"
