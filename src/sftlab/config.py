@@ -426,10 +426,15 @@ def make_training_args(values: dict[str, Any]):
     if not torch.cuda.is_available():
         kw.setdefault("use_cpu", True)
         kw.setdefault("dataloader_pin_memory", False)
+    fsdp = kw.get("fsdp")
+    if isinstance(fsdp, list) and [str(x).lower() for x in fsdp] in (["true"], ["false"]):
+        kw["fsdp"] = str(fsdp[0]).lower() == "true"  # transformers 5: fsdp=True, details in fsdp_config
     try:
         return Seq2SeqTrainingArguments(**kw)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"training arguments: {e}") from None
+    except ImportError as e:  # e.g. --deepspeed without the deepspeed package (PackageNotFoundError is one)
+        raise ConfigError(f"training arguments need a package that is not installed: {e}") from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ CSV and Parquet go through `datasets`."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,45 @@ def _read_text(path: Path) -> str:
         raise DataError(f"not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8", file=str(path), line=line) from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _printable(s: str) -> str:
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _surrogate_field(obj: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON value the first lone UTF-16 surrogate sits (a string or a key), or None."""
+    if isinstance(obj, str):
+        return where or "(value)" if _SURROGATE.search(obj) else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{where}.{_printable(k)}" if where else _printable(k)
+            if _SURROGATE.search(k):
+                return here
+            found = _surrogate_field(v, here)
+            if found is not None:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _surrogate_field(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _check_unicode(obj: Any, source: str, file: str, line: int | None) -> None:
+    """JSON's \\uD800-style escapes can decode to lone surrogates, which are not text: tokenizers reject them and
+    printing them fails, so they are reported here with their place. Only escapes can produce them (the file was
+    decoded as UTF-8), so lines without one are not walked."""
+    if "\\ud" not in source and "\\uD" not in source:
+        return
+    where = _surrogate_field(obj)
+    if where is not None:
+        raise DataError("contains a lone UTF-16 surrogate (a broken \\u escape such as \\ud800), which is not valid text",
+                        file=file, line=line, field=where)
+
+
 def _json_rows(path: Path) -> list[Row]:
     text = _read_text(path)
     stripped = text.lstrip()
@@ -44,6 +84,7 @@ def _json_rows(path: Path) -> list[Row]:
         for i, obj in enumerate(data):
             if not isinstance(obj, dict):
                 raise DataError(f"row {i + 1} is a {type(obj).__name__}, expected an object", file=str(path))
+            _check_unicode(obj, text, str(path), i + 1)
             rows.append(Row(obj, str(path), i + 1))
         return rows
     if stripped[0] == "{" and path.suffix == ".json":
@@ -51,6 +92,7 @@ def _json_rows(path: Path) -> list[Row]:
         try:
             obj = json.loads(text)
             if isinstance(obj, dict):
+                _check_unicode(obj, text, str(path), 1)
                 return [Row(obj, str(path), 1)]
         except json.JSONDecodeError:
             pass
@@ -64,6 +106,7 @@ def _json_rows(path: Path) -> list[Row]:
             raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path), line=n) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, found {type(obj).__name__}", file=str(path), line=n)
+        _check_unicode(obj, line, str(path), n)
         rows.append(Row(obj, str(path), n))
     return rows
 

@@ -144,36 +144,37 @@ def load_documents(
 def _load_jsonl(path: Path, tokenizer: Any, chunk_size: int, chunk_overlap: int) -> list[Document]:
     docs: list[Document] = []
     kind: str | None = None  # decided by the first row; later rows must agree, so a typo can't switch modes
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg}", file=str(path), line=lineno) from None
-            if not isinstance(row, dict):
-                raise DataError("expected a JSON object per line", file=str(path), line=lineno)
-            row_kind = "records" if ("page_content" in row or "metadata" in row) else "raw" if "text" in row else None
-            if row_kind is None:
-                raise DataError(
-                    "row has neither 'page_content' (document record) nor 'text' (raw document)",
-                    file=str(path),
-                    line=lineno,
-                )
-            if kind is None:
-                kind = row_kind
-            elif row_kind != kind:
-                raise DataError(
-                    f"row looks like a {row_kind} document but earlier rows are {kind} documents "
-                    "(records have 'page_content'/'metadata'; raw documents have 'text', 'source', 'title')",
-                    file=str(path),
-                    line=lineno,
-                )
-            if kind == "records":
-                docs.append(_record_from_row(row, path, lineno))
-            else:
-                docs.extend(_chunks_from_raw_row(row, path, lineno, tokenizer, chunk_size, chunk_overlap))
+    from sftlab.data.loader import _read_text  # reports non-UTF-8 bytes with their line
+
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON: {e.msg}", file=str(path), line=lineno) from None
+        if not isinstance(row, dict):
+            raise DataError("expected a JSON object per line", file=str(path), line=lineno)
+        row_kind = "records" if ("page_content" in row or "metadata" in row) else "raw" if "text" in row else None
+        if row_kind is None:
+            raise DataError(
+                "row has neither 'page_content' (document record) nor 'text' (raw document)",
+                file=str(path),
+                line=lineno,
+            )
+        if kind is None:
+            kind = row_kind
+        elif row_kind != kind:
+            raise DataError(
+                f"row looks like a {row_kind} document but earlier rows are {kind} documents "
+                "(records have 'page_content'/'metadata'; raw documents have 'text', 'source', 'title')",
+                file=str(path),
+                line=lineno,
+            )
+        if kind == "records":
+            docs.append(_record_from_row(row, path, lineno))
+        else:
+            docs.extend(_chunks_from_raw_row(row, path, lineno, tokenizer, chunk_size, chunk_overlap))
     return docs
 
 

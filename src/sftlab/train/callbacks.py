@@ -18,6 +18,23 @@ def _fmt_secs(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: forget what the interrupted run logged for them."""
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("step", 0) > step:
+                    continue
+            except (ValueError, AttributeError):
+                continue  # a line cut short by the kill
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)
+
+
 class LogCallback(TrainerCallback):
     """Writes `trainer_log.jsonl` (main process only) and prints a progress line with loss, lr, tokens/s and ETA."""
 
@@ -36,8 +53,11 @@ class LogCallback(TrainerCallback):
         self.start_step = state.global_step
         tr = self.trainer_ref()
         self.last_tokens, self.last_trained = tr.tokens_seen, tr.trained_tokens_seen
-        if state.is_world_process_zero and state.global_step == 0 and os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run; a resumed run appends
+        if state.is_world_process_zero and os.path.exists(self.path):
+            if state.global_step == 0:
+                os.remove(self.path)  # a fresh run; a resumed run appends
+            else:
+                _drop_records_after(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or self.start is None:
@@ -83,11 +103,19 @@ class LogCallback(TrainerCallback):
 
 
 class GracefulStop(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C interrupts at once."""
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C interrupts at once.
+
+    Distributed runs: the request is shared across ranks at every step end, so all ranks stop after the same step
+    (a terminal's Ctrl-C reaches them at slightly different times); and torchrun relays the Ctrl-C it receives
+    itself to the workers a moment later, so a second SIGINT within `relay_window` seconds counts as the same one.
+    """
+
+    relay_window = 2.0
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._first_at = 0.0
 
     def on_train_begin(self, args, state, control, **kw):
         try:
@@ -96,14 +124,20 @@ class GracefulStop(TrainerCallback):
             self._previous = None
 
     def _handler(self, signum, frame):
+        if self.requested and time.monotonic() - self._first_at < self.relay_window:
+            return
         if self.requested:
             signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[sftlab] Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
-              file=sys.stderr, flush=True)
+        self._first_at = time.monotonic()
+        if os.environ.get("RANK", "0") == "0":  # every rank gets the signal; one message is enough
+            print("\n[sftlab] Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
+                  file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kw):
+        if args.world_size > 1:
+            self.requested = _any_rank(self.requested, args.device)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
@@ -115,3 +149,15 @@ class GracefulStop(TrainerCallback):
         if self.requested and state.is_world_process_zero:
             print(f"[sftlab] stopped at step {state.global_step}; resume with the same command "
                   f"(it continues from the newest checkpoint in {args.output_dir})", file=sys.stderr, flush=True)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is True on any rank (one tiny all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

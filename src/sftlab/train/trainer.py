@@ -77,6 +77,14 @@ class SFTTrainer(Trainer):
             loss = parts.loss_sum / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
         return (loss, None) if return_outputs else loss
 
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        # Staged, then renamed to checkpoint-N when complete: a crash mid-save never leaves a checkpoint that
+        # resume would pick but cannot load (see sftlab.train.checkpoint).
+        from sftlab.train.checkpoint import save_checkpoint_atomically
+
+        save_checkpoint_atomically(self, model, trial)
+
     # ---- evaluation ------------------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
