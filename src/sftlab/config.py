@@ -427,8 +427,8 @@ def make_training_args(values: dict[str, Any]):
         kw.setdefault("use_cpu", True)
         kw.setdefault("dataloader_pin_memory", False)
     fsdp = kw.get("fsdp")
-    if isinstance(fsdp, list) and [str(x).lower() for x in fsdp] in (["true"], ["false"]):
-        kw["fsdp"] = str(fsdp[0]).lower() == "true"  # transformers 5: fsdp=True, details in fsdp_config
+    if isinstance(fsdp, str) and fsdp.lower() in ("true", "false"):
+        kw["fsdp"] = fsdp.lower() == "true"  # transformers 5: fsdp=True, details in fsdp_config
     try:
         return Seq2SeqTrainingArguments(**kw)
     except (ValueError, TypeError) as e:
