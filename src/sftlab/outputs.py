@@ -99,7 +99,7 @@ def write_model_card(output_dir: str | Path, cfg, base_model: str, template_name
         "",
         f"# {out.name}",
         "",
-        f"Fine-tuned with [sftlab](https://example.invalid/sftlab) from `{cfg.model.model_name_or_path}` "
+        f"Fine-tuned with sftlab from `{cfg.model.model_name_or_path}` "
         f"(weights loaded from `{base_model}`).",
         "",
         "## Data",

@@ -350,6 +350,7 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     scores[f"{prefix}_samples"] = len(items)
     if write_results:
         write_json(os.path.join(t.output_dir, f"{prefix}_results.json"), scores)
-    log(f"{prefix}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+    if write_results:  # the eval phase prints its generation scores with the rest of its metrics
+        log(f"{prefix}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
     return scores
 

@@ -244,6 +244,8 @@ def row_text(row: Row) -> str:
 
 # ---- retrieval QA -------------------------------------------------------------------------------------------
 RQA_INSTRUCTION = "Answer the question using the passages below."
+# Row field holding the prompt passages of rqa_context=retrieved (sftlab-specific, so user data cannot clash).
+CONTEXT_DOCS_KEY = "sftlab_context_docs"
 
 
 def default_fmt_content(page_content: str, metadata: dict | None) -> str:
@@ -291,14 +293,16 @@ def rqa_messages(row: dict, passages: list | None = None, system: str | None = N
     question = ctx.get_str("question")
     answer = ctx.get_str("gold_answer", required=False)
     if passages is None:
-        passages = ctx.get_list("gold_docs", required=False)
+        # rqa_context=retrieved rows (written by sftlab.rqa.e2e) carry the passages to show, gold ones included.
+        key = CONTEXT_DOCS_KEY if row.get(CONTEXT_DOCS_KEY) is not None else "gold_docs"
+        passages = ctx.get_list(key, required=False)
         for i, doc in enumerate(passages):
             if not isinstance(doc, dict):
-                raise ctx.err(f"expected a document object, found {type(doc).__name__}", f"gold_docs[{i}]")
+                raise ctx.err(f"expected a document object, found {type(doc).__name__}", f"{key}[{i}]")
             if not isinstance(doc.get("page_content", doc.get("fmt_content")), str):
-                raise ctx.err("missing page_content", f"gold_docs[{i}].page_content")
+                raise ctx.err("missing page_content", f"{key}[{i}].page_content")
             if doc.get("metadata") is not None and not isinstance(doc.get("metadata"), dict):
-                raise ctx.err("expected an object", f"gold_docs[{i}].metadata")
+                raise ctx.err("expected an object", f"{key}[{i}].metadata")
     history_raw = ctx.get_list("chat_history", required=False)
     if drop_history > len(history_raw):
         return None

@@ -98,6 +98,8 @@ class LogCallback(TrainerCallback):
         else:
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                      if k.startswith(("eval_", "e2e_"))}
+            if not shown:
+                return  # the end-of-training summary: the workflow prints it
             msg = f"[{bar}] {state.global_step}/{total} " + " ".join(f"{k} {v}" for k, v in shown.items())
         print(msg, file=self.stream, flush=True)
 
