@@ -79,6 +79,8 @@ def test_output_files_present_and_sane(lora_run):
     assert "base_model:" in card and "train_on=completion" in card and "AutoPeftModelForCausalLM" in card
     assert (out / "checkpoint-3" / "adapter_model.safetensors").is_file()
     assert not (out / "checkpoint-3" / "model.safetensors").exists()
+    assert (out / "checkpoint-3" / "sftlab_template.json").is_file()  # the template travels with checkpoints
+    assert (out / "checkpoint-3" / "sftlab_config.yaml").is_file()
     # The saved config reruns the job: it parses back to the same options.
     from sftlab.config import parse_config
 

@@ -192,6 +192,45 @@ def newest_checkpoint(output_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def cpu_training_speedups(model, cfg: Config) -> list[str]:
+    """Speed-ups for training on CPU that leave the results as they are; returns what was done, for the log.
+
+    * sdpa -> ``"sftlab_varlen"`` attention (see sftlab.train.attention): batches become one padding-free row and
+      attention runs per example, instead of over padding or one dense mask over a whole pack.
+    * Under bf16 autocast, frozen linear weights (LoRA's base model, freeze's lower layers) are stored in bf16:
+      autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
+      per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
+    """
+    import torch
+
+    from sftlab.train.attention import register_varlen_attention
+    from sftlab.train.loss import unwrap_model
+
+    done: list[str] = []
+    t = cfg.training
+    if t.device.type != "cpu":
+        return done
+    base = unwrap_model(model)
+    if getattr(base.config, "_attn_implementation", None) == "sdpa":
+        base.set_attn_implementation(register_varlen_attention())
+        done.append("per-example (varlen) attention on padding-free batches")
+    if t.bf16 and cfg.finetuning.finetuning_type in ("lora", "freeze"):
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        n = 0
+        for module in model.modules():
+            if type(module) is not torch.nn.Linear or module is head or module.weight.requires_grad:
+                continue
+            if head is not None and module.weight is head.weight:
+                continue
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(torch.bfloat16)
+            n += 1
+        if n:
+            done.append(f"{n} frozen linear weights stored in bf16")
+    return done
+
+
 # ---- the workflow ---------------------------------------------------------------------------------------------
 def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Train / evaluate / predict as selected by do_train, do_eval, do_predict; returns all metrics."""
@@ -237,6 +276,10 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         log(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, "
             f"{cfg.finetuning.finetuning_type}); bf16 autocast {'on' if t.bf16 else 'off'}")
 
+    if t.do_train:
+        for line in cpu_training_speedups(model, cfg):
+            log(line)
+
     trainer_box: list = []
     cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
     from sftlab.data.collator import mask_mode_for_attention
@@ -251,6 +294,12 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
     )
     trainer_box.append(trainer)
+
+    def checkpoint_extras(directory: str) -> None:
+        save_template(template, directory)
+        save_config(cfg, os.path.join(directory, "sftlab_config.yaml"))
+
+    trainer.checkpoint_extras = checkpoint_extras
     wants_fsdp = bool(t.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if wants_fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate enables FSDP for GPU (and other accelerator) backends only; elsewhere it silently trains DDP.

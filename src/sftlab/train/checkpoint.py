@@ -103,6 +103,9 @@ def save_checkpoint_atomically(trainer, model, trial) -> None:
                 state.best_model_checkpoint = best
 
         if args.should_save:
+            extras = getattr(trainer, "checkpoint_extras", None)
+            if extras is not None:
+                extras(staging)  # template and config travel with every checkpoint
             _record_callback_states(trainer)
             # Written last: newest_checkpoint() treats a directory without it as incomplete.
             state.save_to_json(os.path.join(staging, "trainer_state.json"))
