@@ -56,3 +56,33 @@ def test_eval_loss_is_independent_of_eval_batch_size(tmp_path, tiny_model_dir):
         results.append(json.loads((out / "eval_results.json").read_text()))
     assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-5)
     assert results[0]["eval_trained_tokens"] == results[1]["eval_trained_tokens"]
+
+
+def test_load_best_model_at_end_picks_the_best_checkpoint(tmp_path, tiny_model_dir):
+    """metric_for_best_model=eval_loss: the final adapter is the one of the checkpoint with the lowest eval_loss."""
+    from safetensors.torch import load_file
+    import torch
+
+    rows = [{"instruction": f"Say {i}", "output": f"{i} {i} {i}"} for i in range(16)]
+    train, ev = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows[:12]) + "\n")
+    ev.write_text("\n".join(json.dumps(r) for r in rows[12:]) + "\n")
+    out = tmp_path / "out"
+    # A learning rate high enough that eval loss is not monotone, so "best" is not simply "last".
+    assert main(["train", "--model_name_or_path", tiny_model_dir, "--train_file", str(train), "--eval_file", str(ev),
+                 "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "2",
+                 "--learning_rate", "0.3", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+                 "--bf16", "false", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+                 "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss",
+                 "--save_total_limit", "1", "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    log = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r and r["step"] in (2, 4, 6)}
+    best_step = min(evals, key=evals.get)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert (out / f"checkpoint-{best_step}").is_dir()  # kept despite save_total_limit=1
+    final = load_file(str(out / "adapter_model.safetensors"))
+    best = load_file(str(out / f"checkpoint-{best_step}" / "adapter_model.safetensors"))
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
+    reported = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+    assert reported == pytest.approx(evals[best_step], rel=1e-5)
