@@ -155,7 +155,8 @@ class RQAArguments:
         None, "Embedding model for retrieval and answer similarity (default: bundled all-MiniLM-L6-v2)."
     )
     retrieval_top_k: int = _f(4, "Passages retrieved per question in end-to-end evaluation.")
-    e2e_max_questions: int | None = _f(None, "Evaluate at most this many questions end to end per evaluation.")
+    e2e_max_questions: int | None = _f(None, "Evaluate at most this many questions end to end per evaluation during training (the final test-file "
+        "evaluation uses every question, up to max_samples).")
     refuse_stale_index: bool = _f(False, "Refuse (error) instead of rebuilding an index built for other docs/model.")
     chunk_size: int = _f(256, "Raw documents: tokens per chunk.")
     chunk_overlap: int = _f(32, "Raw documents: tokens shared by consecutive chunks.")
@@ -308,6 +309,21 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"; did you mean '--{close[0]}'?" if close else ""
 
 
+def _is_text_field(group: str, f: dataclasses.Field) -> bool:
+    """A field declared `str` or `str | None`."""
+    if group == "training":
+        from transformers import Seq2SeqTrainingArguments
+
+        cls = Seq2SeqTrainingArguments
+    else:
+        cls = GROUPS[group]
+    tp = _type_of(cls, f.name)
+    if tp is str:
+        return True
+    args = set(typing.get_args(tp))
+    return bool(args) and args == {str, type(None)}
+
+
 def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     """A leading YAML path and the `--key value` pairs (a flag with no value means true)."""
     yaml_path = None
@@ -360,16 +376,20 @@ def parse_config(argv: list[str], overrides: dict[str, Any] | None = None) -> Co
     """YAML values, then flags, then `overrides`; unknown keys are errors with the closest known key."""
     yaml_path, flag_values = parse_argv(argv)
     raw: dict[str, Any] = _read_yaml(yaml_path) if yaml_path else {}
-    raw_from_flags = {}
+    raw_from_flags: dict[str, Any] = {}
+    fields_by_name = all_fields()
     for k, v in flag_values.items():
-        # Flag strings are YAML scalars so 5e-5, [a, b] and {a: b} mean what they look like.
+        known = fields_by_name.get(ALIASES.get(k, k))
+        if known is not None and _is_text_field(*known):
+            raw_from_flags[k] = v  # '[/INST]' is a prefix, not a YAML list; 'none' still becomes None
+            continue
+        # Other flag strings are YAML so that [a, b] and {a: b} mean what they look like; scalars stay strings
+        # and are converted by declared type (exact: '1e-4' -> float, '01' stays a string for str fields).
         try:
             parsed = yaml.safe_load(v) if isinstance(v, str) else v
         except yaml.YAMLError:
             parsed = v
-        raw_from_flags[k] = v if isinstance(parsed, (dict, list)) is False and isinstance(parsed, str) else parsed
-        if isinstance(parsed, (int, float, bool)) or parsed is None:
-            raw_from_flags[k] = v  # keep the string: coercion by declared type is exact (e.g. '01' stays a str)
+        raw_from_flags[k] = parsed if isinstance(parsed, (dict, list)) else v
     raw.update(raw_from_flags)
     raw.update(overrides or {})
     return build_config(raw)
