@@ -122,6 +122,10 @@ class FinetuningArguments:
     loss_chunk_size: int = _f(
         1024, "Trained positions per chunk of the LM-head + cross-entropy computation (bounds peak memory)."
     )
+    max_tokens_per_forward: int | None = _f(
+        1024, "Padding-free batches (CPU, flash attention) with more tokens run as several forward/backward passes "
+        "of whole examples in one optimizer step: same result, bounded activation memory. 0/None: never split."
+    )
     plot_loss: bool = _f(True, "Write training_loss.png.")
     overwrite_output_dir: bool = _f(
         False, "Start over instead of resuming from the newest checkpoint found in output_dir."

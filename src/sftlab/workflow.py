@@ -284,14 +284,20 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
     from sftlab.data.collator import mask_mode_for_attention
 
+    mask_mode = mask_mode_for_attention(model.config._attn_implementation)
+    if mask_mode == "auto" and not cfg.data.packing and "train_sampling_strategy" not in cfg.explicit:
+        # Padded batches (no varlen attention): grouping examples of similar length cuts the padding of batch-8
+        # steps from 48% to 6% on benchmarks/throughput.py's data. Padding-free batches have nothing to save.
+        t.train_sampling_strategy = "group_by_length"
     collator = CountingCollator(SFTCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=None,
-                                            mask_mode=mask_mode_for_attention(model.config._attn_implementation)))
+                                            mask_mode=mask_mode))
     train_ds = ListDataset(maybe_pack(data.train, cfg)) if data.train is not None else None
     eval_ds = ListDataset(maybe_pack(data.eval, cfg)) if data.eval is not None else None
     trainer = SFTTrainer(
         model=model, args=t, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, callbacks=cbs,
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
+        max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward,
     )
     trainer_box.append(trainer)
 

@@ -16,12 +16,14 @@ Keys emitted (all torch tensors unless noted):
   - ``"4d"``: an explicit boolean block-diagonal causal mask (B, 1, T, T) for every batch (packed or not);
     for models whose mask code does not detect packing. ``compute_sft_loss`` turns it into an additive mask
     for eager attention; flash attention cannot take it.
-  - ``"flatten"`` (for flash_attention_2/3 on GPU): all examples of the batch are concatenated into ONE row
-    (1, N) with no padding (beyond ``pad_to_multiple_of``) and no ``attention_mask``; the varlen kernel gets
-    ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 (S+1,)) and ``max_length_q``/``max_length_k`` (python ints).
-    transformers' flash path only infers packing from position ids when the batch size is 1, so packed rows
-    with B > 1 and no mask would attend across examples there; hence this mode. (With sdpa it is still
-    correct but builds a dense N x N mask, so it is meant for flash attention only.)
+  - ``"flatten"`` (for varlen kernels: flash_attention_2/3 on GPU, sftlab's ``"sftlab_varlen"`` on CPU): all
+    examples of the batch are concatenated into ONE row (1, N) with no padding (beyond ``pad_to_multiple_of``)
+    and no ``attention_mask``; the varlen kernel gets ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 (S+1,)) and
+    ``max_length_q``/``max_length_k`` (python ints). transformers' flash path only infers packing from position
+    ids when the batch size is 1, so packed rows with B > 1 and no mask would attend across examples there;
+    hence this mode. (With plain sdpa it is still correct but builds a dense N x N mask and attends over all of
+    it, so it is meant for varlen kernels only.) ``split_flat_batch`` cuts such a batch into pieces of whole
+    examples under a token budget.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ MASK_MODES = ("auto", "4d", "flatten")
 
 
 def mask_mode_for_attention(attn_implementation: str | None) -> str:
-    """The mask mode that is correct and cheap for a model's attention implementation."""
-    if attn_implementation and "flash" in attn_implementation:
+    """The mask mode that is correct and cheap for a model's attention implementation.
+
+    Varlen kernels (flash attention, sftlab's ``"sftlab_varlen"``) take the whole batch as one padding-free row."""
+    if attn_implementation and ("flash" in attn_implementation or attn_implementation == "sftlab_varlen"):
         return "flatten"
     return "auto"
 
@@ -180,3 +184,39 @@ def block_causal_mask(seg_lens: list[list[int]], width: int) -> torch.Tensor:
     same = seg[:, :, None] == seg[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     return (same & causal)[:, None, :, :]
+
+
+def split_flat_batch(batch: dict, max_tokens: int) -> list[dict]:
+    """Cut a ``"flatten"``-mode batch at example boundaries into pieces of at most ``max_tokens`` tokens.
+
+    Examples stay whole and in order (one longer than ``max_tokens`` is a piece of its own). Each piece is a
+    complete flatten-mode batch with its own ``cu_seq_lens``; other keys (e.g. token counters) stay with the first
+    piece. Running the pieces one after another and adding their gradients is the same step as the whole batch
+    when the loss is normalized by the step's token count, with activation memory bounded by the budget.
+    """
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1; got {max_tokens}")
+    bounds = batch["cu_seq_lens_q"].tolist()
+    if bounds[-1] <= max_tokens:
+        return [batch]
+    spans: list[tuple[int, int]] = []
+    start = last = 0
+    for b in bounds[1:]:
+        if b - start > max_tokens and last > start:
+            spans.append((start, last))
+            start = last
+        last = b
+    spans.append((start, bounds[-1]))
+    per_row = ("input_ids", "labels", "shift_labels", "position_ids")
+    pieces = []
+    extra = {k: v for k, v in batch.items() if k not in per_row and not k.startswith(("cu_seq_lens", "max_length"))}
+    for i, (a, e) in enumerate(spans):
+        piece = dict(extra) if i == 0 else {}
+        for k in per_row:
+            piece[k] = batch[k][:, a:e]
+        cu = [x - a for x in bounds if a <= x <= e]
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=batch["cu_seq_lens_q"].device)
+        longest = max(y - x for x, y in zip(cu[:-1], cu[1:]))
+        piece.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t.clone(), max_length_q=longest, max_length_k=longest)
+        pieces.append(piece)
+    return pieces

@@ -4,8 +4,14 @@ The model is run through its outermost wrapper (DDP / peft / compiled) so wrappe
 synchronisation, active LoRA adapters) stays in effect, but with ``logits_to_keep=1`` so the LM head only
 runs on one position per row. The final hidden states are captured from the decoder backbone with a forward
 hook, gathered at the trained positions (``shift_labels != -100``), and projected to the vocabulary in chunks
-with fp32 log-softmax. Each chunk runs under activation checkpointing, so its logits are recomputed in
-backward instead of kept alive: memory beyond the backbone is O(chunk_size x vocab), not O(tokens x vocab).
+with fp32 log-softmax.
+
+Training (a plain linear LM head): ``fused_linear_cross_entropy`` computes each chunk's logits once, and in the
+same pass the gradients of the summed loss w.r.t. the hidden states and the head's weight (softmax minus
+one-hot, two matmuls); backward only scales them. Logits never outlive their chunk, nothing is recomputed and no
+argmax is taken. Memory beyond the backbone is O(chunk_size x vocab) plus one gradient of the head's weight.
+Other heads (logit softcapping, adapted heads) and evaluation use the plain chunked path, optionally with
+activation checkpointing per chunk (``recompute_chunks``).
 
 The result is a *sum* over tokens plus the token count; the trainer divides by the number of trained tokens
 in the whole optimizer step (``num_items_in_batch``), which makes the loss independent of batch size,
@@ -14,6 +20,7 @@ gradient accumulation and packing.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sftlab.errors import ConfigError
+from sftlab.train.attention import VARLEN_ATTENTION
 
 IGNORE_INDEX = -100
 # Batch keys that go to the model; everything else (labels, shift_labels, seq_lens...) stays out so the model
@@ -101,8 +109,14 @@ def _check_attention(base: torch.nn.Module, model_inputs: dict, batch_size: int)
 def _model_inputs(base: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> dict:
     model_inputs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs and inputs[k] is not None}
     mask = model_inputs.get("attention_mask")
+    impl = getattr(base.config, "_attn_implementation", None)
+    if impl == VARLEN_ATTENTION and mask is None and "cu_seq_lens_q" in model_inputs:
+        # An all-ones 2-D mask tells transformers there is no padding, so it builds no mask (instead of detecting
+        # the packed row from its positions and building a dense N x N one); the varlen attention uses
+        # cu_seq_lens_q to keep attention inside each example.
+        ids = model_inputs["input_ids"]
+        model_inputs["attention_mask"] = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
-        impl = getattr(base.config, "_attn_implementation", None)
         if impl == "eager":
             # Eager attention *adds* the mask to the scores, so it needs an additive float mask.
             model_inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
@@ -123,6 +137,117 @@ def _chunk_ce(
     return loss, hits
 
 
+class _FusedLinearCE(torch.autograd.Function):
+    """Summed CE of ``hidden @ weight.T (+ bias)`` against ``targets``, with the gradients made in forward.
+
+    The matmuls run in ``dtype`` (bf16 under autocast, as autocast would run the head), log-softmax and all
+    accumulation in fp32. The saved gradients are of the *sum*; backward multiplies them by the incoming scalar,
+    which is exact for any use of the returned loss (it is a scalar)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, dtype):
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, h_all.shape[0], chunk_size):
+            h = h_all[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            rows = torch.arange(t.shape[0], device=t.device)
+            logits = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+            # The (chunk x vocab) block is memory-bound: few passes, fp32 log-softmax straight from the logits.
+            logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+            logp_t = logp[rows, t]
+            loss -= logp_t.sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d(sum CE)/d(logits) = softmax - one_hot, in the matmul dtype: softmax of low-precision logits
+            # accumulates in fp32 and rounds once, as casting an fp32 softmax would. The target entry is made from
+            # the fp32 log-prob, so a confident p close to 1 does not lose p - 1 to that rounding.
+            if dtype == torch.float32:
+                g = logp.exp_()
+            else:
+                del logp
+                g = torch.softmax(logits, dim=-1)
+            del logits
+            g[rows, t] = (logp_t.exp() - 1.0).to(dtype)
+            if need_h:
+                grad_h[start : start + chunk_size] = g @ w
+            if need_w:
+                grad_w += (g.t() @ h).float()
+            if need_b:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        if grad_b is not None:
+            grad_b = (grad_b * grad_loss).to(ctx.bias_dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Summed next-token CE of ``lm_head(hidden)`` vs ``targets`` (no ignored entries), in one pass per chunk.
+
+    Runs the head in the autocast dtype when autocast is on for the tensor's device, else in the weight's dtype.
+    Gradients equal those of ``F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")``."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = lm_head.weight.dtype
+    return _FusedLinearCE.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, dtype)
+
+
+def _fusable(lm_head: torch.nn.Module, softcap: float | None) -> bool:
+    """A plain nn.Linear head (not adapted, no hooks we would bypass) with no logit post-processing."""
+    return (
+        softcap is None
+        and type(lm_head) is torch.nn.Linear
+        and not lm_head._forward_hooks
+        and not lm_head._forward_pre_hooks
+    )
+
+
+class _NoHead(torch.nn.Module):
+    """Stands in for the LM head during the backbone pass: empty logits, no weight cast, no work.
+
+    Even a one-position head call costs a full-vocabulary weight cast under autocast and, for 3-D inputs, a
+    copy of the transposed weight (~0.5 s per step for SmolLM2-135M on CPU)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[..., :0]
+
+
+@contextmanager
+def _head_skipped(base: torch.nn.Module, lm_head: torch.nn.Module):
+    """Temporarily replace ``lm_head`` (a direct child of ``base``) by ``_NoHead``; no-op if it is not one."""
+    name = next((n for n, child in base.named_children() if child is lm_head), None)
+    if name is None:
+        yield
+        return
+    base._modules[name] = _NoHead()
+    try:
+        yield
+    finally:
+        base._modules[name] = lm_head
+
+
 def compute_sft_loss(
     model: torch.nn.Module,
     inputs: dict,
@@ -135,7 +260,8 @@ def compute_sft_loss(
     ``inputs`` is a collator batch (``sftlab.data.collator.SFTCollator``); if it has no ``shift_labels`` they
     are derived from ``labels`` by shifting each row (only right for unpacked rows). ``chunk_size`` positions
     are projected to the vocabulary at a time; ``recompute_chunks`` recomputes each chunk's logits in backward
-    (activation checkpointing) instead of storing them. A batch without trained tokens gives a zero
+    (activation checkpointing) instead of storing them; it only matters where the fused path (training with a
+    plain linear head, see ``fused_linear_cross_entropy``) does not apply. A batch without trained tokens gives a zero
     ``loss_sum`` that is still connected to the graph (zero, finite gradients).
     """
     if chunk_size < 1:
@@ -155,10 +281,12 @@ def compute_sft_loss(
     def grab(_module, _args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-    # Run the outermost model (keeps DDP sync and peft hooks); logits_to_keep=1 keeps its own head cheap.
+    # Run the outermost model (keeps DDP sync and peft hooks); its own LM head is skipped (see _NoHead), or
+    # where it cannot be swapped out, made cheap with logits_to_keep=1.
     handle = decoder.register_forward_hook(grab)
     try:
-        model(**model_inputs, use_cache=False, logits_to_keep=1)
+        with _head_skipped(base, lm_head):
+            model(**model_inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -179,6 +307,9 @@ def compute_sft_loss(
         # Empty projection: an exact 0 connected to backbone and head, so every parameter gets a zero grad.
         loss_sum = lm_head(h).float().sum()
         n_correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    elif torch.is_grad_enabled() and not return_correct and _fusable(lm_head, softcap):
+        loss_sum = fused_linear_cross_entropy(h, lm_head, targets, chunk_size)
+        n_correct = None
     else:
         parts, hits = [], []
         for start in range(0, h.shape[0], chunk_size):

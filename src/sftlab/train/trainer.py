@@ -48,9 +48,11 @@ class SFTTrainer(Trainer):
     # compute_loss below already divides by the step's trained-token count.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_chunk_size: int = 1024, compute_accuracy: bool = True, **kwargs):
+    def __init__(self, *args, loss_chunk_size: int = 1024, compute_accuracy: bool = True,
+                 max_tokens_per_forward: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
+        self.max_tokens_per_forward = max_tokens_per_forward
         self.compute_accuracy = compute_accuracy
         self.tokens_seen = 0  # non-pad tokens, this rank
         self.trained_tokens_seen = 0  # tokens with a label, this rank
@@ -76,6 +78,26 @@ class SFTTrainer(Trainer):
         else:
             loss = parts.loss_sum / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
         return (loss, None) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Padding-free batches over the token budget run as several forward/backward passes: the loss is divided
+        # by the whole step's token count, so the summed gradients are the step's, and activation memory is that
+        # of one piece. Single process only (DDP would all-reduce after every backward).
+        budget = self.max_tokens_per_forward
+        if (not budget or num_items_in_batch is None or self.args.world_size > 1
+                or "cu_seq_lens_q" not in inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
+        from sftlab.data.collator import split_flat_batch
+
+        pieces = split_flat_batch(inputs, budget)
+        for piece in pieces[1:]:
+            if REAL_TOKENS_KEY in inputs:
+                piece[REAL_TOKENS_KEY] = 0  # the first piece carries the batch's count
+        total = None
+        for piece in pieces:
+            loss = super().training_step(model, piece, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):

@@ -1,0 +1,370 @@
+"""Training throughput: sftlab against TRL's SFTTrainer on the bundled SmolLM2-135M-Instruct, LoRA and full FT.
+
+One invocation runs every configuration side by side, each in its own subprocess (so peak RSS is per
+configuration), on the same generated data, with the same hyperparameters and the same number of optimizer steps:
+
+* ``trl_default``   TRL 1.16 ``SFTConfig`` defaults (bf16 autocast, padded batches, gradient checkpointing).
+* ``trl_fastest``   TRL's fastest setup on this CPU: bf16, BFD packing + padding-free, gradient checkpointing off
+                    (memory is plentiful here, and checkpointing only adds a recomputed forward).
+* ``sftlab``        sftlab's default configuration (unpacked).
+* ``sftlab_packing`` sftlab with ``packing: true``.
+
+The data set (written once, deterministic) is conversational prompt/completion rows whose prompt and answer
+lengths are drawn from a log-normal (tens to hundreds of tokens, long tail), every example within max_length.
+Both libraries train on the completion tokens only. Unpacked configurations take ``--batch`` examples per step;
+packed ones take as many packed rows per step as spread the same examples over the same number of steps, so
+every configuration sees (about) the same examples and tokens per optimizer step and the losses are comparable.
+
+Reported per configuration: trained tokens/s (tokens with a label), non-pad tokens/s, peak RSS, the mean
+training loss over the last quarter of steps, a held-out loss computed the same way for everyone after training,
+and MFU against the bf16 matmul peak measured here. MFU = k * N * non-pad tokens/s / peak with N the model's
+parameters (134.5M, all in the matmul path: the LM head is tied to the embedding), k = 6 for full fine-tuning
+and k = 4 for LoRA (frozen weights need no weight gradients); LoRA's own FLOPs are ignored (<1%).
+
+    python benchmarks/throughput.py                        # the README run: 96 rows, 12 steps (~15 min, 2 cores)
+    python benchmarks/throughput.py --rows 24 --modes lora # quick look (~3 min)
+    python benchmarks/throughput.py --modes lora --configs sftlab,sftlab_packing
+
+Results go to benchmarks/results/throughput.{json,md}. Run it on a quiet machine: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CONFIGS = ("trl_default", "trl_fastest", "sftlab", "sftlab_packing")
+MODES = ("lora", "full")
+LR = {"lora": 2e-4, "full": 2e-5}
+N_PARAMS = 134_515_008  # SmolLM2-135M, tied embedding / LM head
+WORDS = (
+    "the of and to in is that it was for on are as with his they at be this from have or by one had not but what "
+    "all were when we there can an your which their said if do will each about how up out them then she many some "
+    "so these would other into has more her two like him see time could no make than first been its who now "
+    "people my made over did down only way find use may water long little very after words called just where most "
+    "know get through back much before go good new write our used me man too any day same right look think also "
+    "around another came come work three word must because does part even place well such here take why things "
+    "help put years different away again off went old number great tell men say small every found still between "
+    "name should home big give air line set own under read last never us left end along while might next sound "
+    "below saw something thought both few those always looked show large often together asked house don't world "
+    "going want school important until form food keep children feet land side without boy once animals life "
+    "enough took sometimes four head above kind began almost live page got earth need far hand high year mother "
+    "light parts country father let night following picture being study second eyes soon times story boys since "
+    "white days ever paper hard near sentence better best across during today others however sure means knew "
+    "whether model training data token gradient batch loss layer attention matrix vector python function"
+).split()
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+def _text(rng: random.Random, n_words: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    # Sentences of 6-16 words with punctuation, so the tokenizer sees ordinary prose.
+    out, i = [], 0
+    while i < len(words):
+        k = rng.randint(6, 16)
+        s = " ".join(words[i : i + k])
+        out.append(s[:1].upper() + s[1:] + rng.choice([".", ".", ".", "?", "!"]))
+        i += k
+    return " ".join(out)
+
+
+def make_rows(n: int, seed: int, tokenizer, max_length: int) -> list[dict]:
+    """Conversational prompt/completion rows with long-tailed lengths; each fits max_length with its template."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        p_words = int(min(max(rng.lognormvariate(math.log(45), 0.8), 8), 350))
+        a_words = int(min(max(rng.lognormvariate(math.log(40), 0.9), 4), 350))
+        prompt, answer = _text(rng, p_words), _text(rng, a_words)
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        n_tok = len(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+        if n_tok > max_length - 4:
+            continue  # keep every example whole: truncation policies differ between the libraries
+        rows.append({"prompt": msgs[:1], "completion": msgs[1:]})
+    return rows
+
+
+def write_data(workdir: Path, rows: int, eval_rows: int, max_length: int) -> tuple[Path, Path]:
+    from transformers import AutoTokenizer
+
+    from sftlab.models.bundled import bundled_model_dir
+
+    tok = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    train, evals = workdir / "train.jsonl", workdir / "eval.jsonl"
+    for path, n, seed in ((train, rows, 1234), (evals, eval_rows, 999)):
+        with open(path, "w") as fh:
+            for r in make_rows(n, seed, tok, max_length):
+                fh.write(json.dumps(r) + "\n")
+    return train, evals
+
+
+def packed_batch(train: Path, tokenizer, max_length: int, steps: int) -> int:
+    """Packed rows per step so that one pass over the examples takes `steps` steps (BFD, like both libraries)."""
+    from sftlab.data.packing import bfd_pack
+
+    lengths = []
+    for line in open(train):
+        r = json.loads(line)
+        lengths.append(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
+                                                         return_dict=True)["input_ids"]))
+    return max(1, math.ceil(len(bfd_pack(lengths, max_length)) / steps))
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------
+def bf16_matmul_peak(threads: int, n: int = 4096, reps: int = 4) -> float:
+    """Best-of bf16 matmul FLOP/s with this many threads (the MFU denominator)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def heldout_loss(model, tokenizer, eval_file: Path) -> float:
+    """Mean CE over completion tokens of the held-out rows; the same code for every configuration."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for line in open(eval_file):
+            r = json.loads(line)
+            prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"]
+            full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
+                                                 return_dict=True)["input_ids"]
+            ids = torch.tensor([full])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            target = ids[0, 1:].clone()
+            target[: len(prompt) - 1] = -100
+            total += float(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
+def make_recorder(tokenizer, eval_file: Path, out: dict):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        """Per-step losses, and the held-out loss once training ends."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                out.setdefault("losses", []).append(float(logs["loss"]))
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            out["heldout_loss"] = heldout_loss(model, tokenizer, eval_file)
+
+    return Recorder()
+
+
+class CountingWrapper:
+    """Wraps TRL's collator to count non-pad and trained (label != -100, after the shift) tokens."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens, self.trained = inner, 0, 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        self.trained += int((batch["labels"][:, 1:] != -100).sum())
+        return batch
+
+
+def run_trl(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> dict:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sftlab.models.bundled import bundled_model_dir
+
+    model_dir = str(bundled_model_dir())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    kw = dict(output_dir=a.workdir + f"/{name}-{mode}", max_length=a.max_length, learning_rate=LR[mode],
+              per_device_train_batch_size=a.batch, max_steps=a.steps, logging_steps=1, save_strategy="no",
+              report_to="none", seed=0, use_cpu=True, lr_scheduler_type="cosine", warmup_steps=0,
+              disable_tqdm=True, dataloader_pin_memory=False)
+    if name == "trl_fastest":
+        kw.update(bf16=True, packing=True, packing_strategy="bfd", padding_free=True, gradient_checkpointing=False,
+                  per_device_train_batch_size=a.packed_batch)
+    peft_config = None
+    if mode == "lora":
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    ds = load_dataset("json", data_files=str(train), split="train")
+    trainer = SFTTrainer(model=model_dir, args=SFTConfig(**kw), train_dataset=ds, processing_class=tok,
+                         peft_config=peft_config, callbacks=[make_recorder(tok, evals, rec)])
+    counter = CountingWrapper(trainer.data_collator)
+    trainer.data_collator = counter
+    result = trainer.train()
+    return dict(runtime=result.metrics["train_runtime"], tokens=counter.tokens, trained=counter.trained,
+                bf16=bool(trainer.args.bf16), gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
+
+
+def run_sftlab(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> dict:
+    from sftlab.config import parse_config
+    from sftlab.models.bundled import bundled_model_dir
+    from sftlab.models.load import load_tokenizer
+    from sftlab.workflow import run_sft
+
+    tok = load_tokenizer(str(bundled_model_dir()))
+    over = dict(train_file=str(train), output_dir=a.workdir + f"/{name}-{mode}", cutoff_len=a.max_length,
+                learning_rate=LR[mode], per_device_train_batch_size=a.batch, max_steps=a.steps, logging_steps=1,
+                save_strategy="no", seed=0, lr_scheduler_type="cosine", warmup_steps=0, finetuning_type=mode,
+                lora_rank=16, lora_alpha=32, plot_loss=False, overwrite_output_dir=True,
+                data_cache_dir=a.workdir + "/cache")
+    if name == "sftlab_packing":
+        over.update(packing=True, per_device_train_batch_size=a.packed_batch)
+    cfg = parse_config([], overrides=over)
+    metrics = run_sft(cfg, callbacks=[make_recorder(tok, evals, rec)])
+    return dict(runtime=metrics["train_runtime"], tokens=metrics["train_tokens"],
+                trained=metrics["train_trained_tokens"], bf16=bool(cfg.training.bf16),
+                gradient_checkpointing=bool(cfg.training.gradient_checkpointing))
+
+
+def run_one(a) -> None:
+    """Child process: one configuration, results as JSON on the last stdout line."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    name, mode = a.one.split(":")
+    train, evals = Path(a.workdir) / "train.jsonl", Path(a.workdir) / "eval.jsonl"
+    rec: dict = {}
+    load0 = os.getloadavg()[0]
+    res = (run_trl if name.startswith("trl") else run_sftlab)(name, mode, a, train, evals, rec)
+    losses = rec.get("losses", [])
+    tail = losses[-max(1, len(losses) // 4):]
+    res.update(config=name, mode=mode, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               final_train_loss=sum(tail) / max(len(tail), 1), heldout_loss=rec.get("heldout_loss"),
+               steps=len(losses), load_before=load0, load_after=os.getloadavg()[0])
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def table(results: list[dict], peak: float) -> str:
+    lines = []
+    for mode in MODES:
+        rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
+        ref = next((r for r in rows if r["config"] == "trl_fastest"), None)
+        k = 6 if mode == "full" else 4
+        lines += [f"\n**{mode.upper()}**\n",
+                  "| config | trained tok/s | non-pad tok/s | trained tok/s vs TRL fastest | peak RSS GiB "
+                  "| RSS vs TRL fastest | train loss (last 25%) | held-out loss | MFU | wall s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            tps, nps = r["trained"] / r["runtime"], r["tokens"] / r["runtime"]
+            ratio = f"{tps / (ref['trained'] / ref['runtime']):.2f}x" if ref else "-"
+            rss = f"{r['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x" if ref else "-"
+            mfu = k * N_PARAMS * nps / peak
+            lines.append(f"| {r['config']} | {tps:.0f} | {nps:.0f} | {ratio} | {r['peak_rss_gib']:.2f} | {rss} "
+                         f"| {r['final_train_loss']:.4f} | {r['heldout_loss']:.4f} | {100 * mfu:.1f}% "
+                         f"| {r['runtime']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=96, help="training examples (the data set is generated)")
+    p.add_argument("--eval-rows", type=int, default=24)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch, rows/batch)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--modes", default="lora,full")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
+    p.add_argument("--out", default="benchmarks/results/throughput")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--packed-batch", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.threads is None:
+        import psutil
+
+        a.threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    a.steps = a.steps or max(1, a.rows // a.batch)
+    if a.one:
+        run_one(a)
+        return
+
+    from transformers import AutoTokenizer
+
+    from sftlab.models.bundled import bundled_model_dir
+
+    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    train, _ = write_data(workdir, a.rows, a.eval_rows, a.max_length)
+    tok = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    packed = packed_batch(train, tok, a.max_length, a.steps)
+    peak = bf16_matmul_peak(a.threads)
+    print(f"[bench] {a.rows} rows, {a.steps} steps, batch {a.batch} (packed: {packed} rows of {a.max_length}), "
+          f"{a.threads} threads, bf16 matmul peak {peak / 1e12:.2f} TFLOP/s, load {os.getloadavg()}", flush=True)
+    results = []
+    for mode in a.modes.split(","):
+        for name in a.configs.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{name}:{mode}", "--workdir", str(workdir),
+                   "--rows", str(a.rows), "--steps", str(a.steps), "--batch", str(a.batch),
+                   "--max-length", str(a.max_length), "--threads", str(a.threads), "--packed-batch", str(packed)]
+            t0 = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+                raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode})")
+            r = json.loads(line[len("RESULT "):])
+            results.append(r)
+            print(f"[bench] {name}:{mode}: {r['trained'] / r['runtime']:.0f} trained tok/s, "
+                  f"{r['tokens'] / r['runtime']:.0f} non-pad tok/s, {r['peak_rss_gib']:.2f} GiB, "
+                  f"held-out {r['heldout_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    md = (f"sftlab vs TRL {_version('trl')} training throughput on the bundled SmolLM2-135M-Instruct "
+          f"({platform.processor() or platform.machine()}, {a.threads} threads, torch {_version('torch')}, "
+          f"transformers {_version('transformers')}): {a.rows} generated mixed-length examples, {a.steps} steps, "
+          f"batch {a.batch} examples (packed configs: {packed} rows of {a.max_length} per step), "
+          f"max_length {a.max_length}, LoRA r=16 on all linear layers (lr {LR['lora']}) / full FT (lr {LR['full']}), "
+          f"cosine schedule. bf16 matmul peak measured: {peak / 1e12:.2f} TFLOP/s. "
+          f"Load average during the runs: {min(r['load_before'] for r in results):.1f}-"
+          f"{max(r['load_after'] for r in results):.1f}.\n" + table(results, peak) + "\n")
+    print(md)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(rows=a.rows, steps=a.steps, batch=a.batch, packed_batch=packed, max_length=a.max_length,
+                threads=a.threads, bf16_peak_flops=peak, n_params=N_PARAMS)
+    out.with_suffix(".json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(md)
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
