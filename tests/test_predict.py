@@ -86,3 +86,17 @@ def test_load_best_model_at_end_picks_the_best_checkpoint(tmp_path, tiny_model_d
     assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in final)
     reported = json.loads((out / "eval_results.json").read_text())["eval_loss"]
     assert reported == pytest.approx(evals[best_step], rel=1e-5)
+
+
+def test_train_then_predict_with_bf16_lora(tmp_path, tiny_model_dir):
+    """With bf16 a LoRA run keeps frozen weights in bf16 and the adapter in fp32; predicting right after training
+    must still work (mixed weights are generated under autocast)."""
+    rows = [{"instruction": f"Say {i}", "output": f"{i}"} for i in range(8)]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", "--model_name_or_path", tiny_model_dir, "--train_file", str(f), "--test_file", str(f),
+                 "--do_predict", "--output_dir", str(out), "--max_steps", "2", "--bf16", "true",
+                 "--max_new_tokens", "3", "--save_strategy", "no", "--data_cache_dir", str(tmp_path / "c")]) == 0
+    lines = (out / "generated_predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 8

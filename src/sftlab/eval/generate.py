@@ -87,6 +87,19 @@ def cut_at_stop(ids: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list
     return [int(t) for t in ids], False
 
 
+def _mixed_precision_context(model):
+    """Autocast to bf16 when the model holds both fp32 and bf16 weights (a LoRA model straight from training keeps
+    its frozen weights in bf16 and its adapter in fp32); a single-dtype model runs as it is."""
+    import contextlib
+
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.bfloat16 in dtypes and len(dtypes) > 1:
+        return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _cut_text(text: str, stop_strings: Sequence[str]) -> str:
     """The text before the first occurrence of any stop string."""
     cut = len(text)
@@ -148,7 +161,7 @@ def generate_batched(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _mixed_precision_context(model):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad([list(prompts[i]) for i in idx], pad_id)
