@@ -185,3 +185,20 @@ def test_help_lists_every_argument_with_help_text():
                  "--full_dataset_index_path", "--max_new_tokens"):
         assert name in out.stdout, name
     assert "Which tokens are trained" in out.stdout
+
+
+def test_freeze_with_bf16_saves_frozen_layers_unchanged(tmp_path, tiny_model_dir):
+    """bf16 autocast must not round the frozen layers that a freeze run writes back into model.safetensors."""
+    from safetensors.torch import load_file
+
+    train, _ = write_data(tmp_path)
+    out = tmp_path / "freeze-bf16"
+    args = base_args(tiny_model_dir, train, out, "--finetuning_type", "freeze", "--freeze_trainable_layers", "1")
+    args[args.index("--max_steps") + 1] = "1"
+    args[args.index("--bf16") + 1] = "true"
+    assert main(args) == 0
+    after = load_file(str(out / "model.safetensors"))
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    for k in before:
+        if k.startswith("model.layers.0."):
+            assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k

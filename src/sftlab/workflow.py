@@ -197,7 +197,7 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
 
     * sdpa -> ``"sftlab_varlen"`` attention (see sftlab.train.attention): batches become one padding-free row and
       attention runs per example, instead of over padding or one dense mask over a whole pack.
-    * Under bf16 autocast, frozen linear weights (LoRA's base model, freeze's lower layers) are stored in bf16:
+    * Under bf16 autocast, LoRA's frozen linear weights are stored in bf16:
       autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
       per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
     """
@@ -214,7 +214,8 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
     if getattr(base.config, "_attn_implementation", None) == "sdpa":
         base.set_attn_implementation(register_varlen_attention())
         done.append("per-example (varlen) attention on padding-free batches")
-    if t.bf16 and cfg.finetuning.finetuning_type in ("lora", "freeze"):
+    # LoRA only: freeze saves the whole model, and its frozen layers must be written back exactly as loaded.
+    if t.bf16 and cfg.finetuning.finetuning_type == "lora":
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         n = 0
         for module in model.modules():
