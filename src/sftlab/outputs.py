@@ -22,8 +22,11 @@ def read_log(output_dir: str | Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
-def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction, so early points are not dragged towards zero."""
+def _smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average with bias correction, so early points are not dragged towards zero. The default
+    weight grows with the number of points: a short run is barely smoothed, a long one up to 0.9."""
+    if weight is None:
+        weight = min(0.9, max(0.0, 1.0 - 5.0 / max(len(values), 1)))
     out, avg = [], 0.0
     for i, v in enumerate(values, start=1):
         avg = weight * avg + (1 - weight) * v
