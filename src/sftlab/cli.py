@@ -5,7 +5,6 @@ a traceback."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -140,7 +139,7 @@ def cmd_chat(argv: list[str]) -> int:
 
 def cmd_export(argv: list[str]) -> int:
     from sftlab.config import parse_config
-    from sftlab.models.load import adapter_base, load_model, load_tokenizer, resolve_model_path
+    from sftlab.models.load import adapter_base, load_model, load_tokenizer
     from sftlab.workflow import check_writable, resolve_template
     from sftlab.data.templates import save_template
 

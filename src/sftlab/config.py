@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any

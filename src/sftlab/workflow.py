@@ -3,9 +3,7 @@ evaluate, predict, then results, plot and model card. `sftlab train` and `sftlab
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ from sftlab.data.dataset import DataSummary, EncodeSettings, prediction_items, s
 from sftlab.data.formats import FormatOptions
 from sftlab.data.templates import Template, load_saved_template, load_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
-from sftlab.errors import ConfigError, DataError
+from sftlab.errors import ConfigError
 from sftlab.outputs import plot_loss, write_json, write_model_card
 
 
@@ -235,11 +233,13 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
 # ---- the workflow ---------------------------------------------------------------------------------------------
 def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Train / evaluate / predict as selected by do_train, do_eval, do_predict; returns all metrics."""
-    import torch
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
 
-    from sftlab.data.collator import SFTCollator
+    from sftlab.data.collator import SFTCollator, mask_mode_for_attention
     from sftlab.models.load import count_parameters, load_model, load_tokenizer, resolve_model_path
     from sftlab.train.callbacks import GracefulStop, LogCallback
+    from sftlab.train.checkpoint import save_final_model
     from sftlab.train.trainer import CountingCollator, SFTTrainer
 
     preflight(cfg)
@@ -268,23 +268,17 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         log(f"[test] {len(predict_items)} prompts for prediction")
 
     resume = find_resume_checkpoint(cfg) if t.do_train else None
-    from transformers import set_seed
-
     set_seed(t.seed)  # LoRA initialisation draws random numbers: the same --seed must give the same adapter
     model, base_path = load_model(cfg.model, cfg.finetuning, for_training=t.do_train)
     if t.do_train:
         trainable, total = count_parameters(model)
         log(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, "
             f"{cfg.finetuning.finetuning_type}); bf16 autocast {'on' if t.bf16 else 'off'}")
-
-    if t.do_train:
         for line in cpu_training_speedups(model, cfg):
             log(line)
 
     trainer_box: list = []
     cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
-    from sftlab.data.collator import mask_mode_for_attention
-
     mask_mode = mask_mode_for_attention(model.config._attn_implementation)
     if mask_mode == "auto" and not cfg.data.packing and "train_sampling_strategy" not in cfg.explicit:
         # Padded batches (no varlen attention): grouping examples of similar length cuts the padding of batch-8
@@ -312,8 +306,6 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         # accelerate enables FSDP for GPU (and other accelerator) backends only; elsewhere it silently trains DDP.
         log("FSDP was requested but is not active on this device (accelerate enables it on GPUs only); "
             "training runs as plain data parallelism (DDP)")
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # LogCallback prints a readable line instead of raw dicts
     if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
         from sftlab.rqa.e2e import attach_e2e_callback
@@ -328,8 +320,6 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         if resume:
             log(f"resuming from {resume} (pass --overwrite_output_dir true to start over)")
         result = trainer.train(resume_from_checkpoint=resume)
-        from sftlab.train.checkpoint import save_final_model
-
         save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
         tokens, trained = trainer.global_token_counts()
         runtime = result.metrics.get("train_runtime", time.time() - started)

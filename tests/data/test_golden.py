@@ -5,11 +5,10 @@ tokens whose label is not -100, concatenated in order."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from sftlab.data.dataset import EncodeSettings, encode_row, load_rows
+from sftlab.data.dataset import EncodeSettings, encode_row
 from sftlab.data.formats import FormatOptions
 from sftlab.data.loader import Row
 from sftlab.data.templates import Message, load_template

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.reliability.conftest import (
     MAX_STEPS, REPO, SAVE_STEPS, child_env, log_records, max_abs_diff, train_argv, weights,

@@ -5,13 +5,10 @@ logged loss): data order, RNG state (LoRA dropout), optimizer and scheduler all 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.reliability.conftest import (
     MAX_STEPS, SAVE_STEPS, log_records, max_abs_diff, run_inprocess, spawn, step_losses, train_argv, weights,
