@@ -99,3 +99,25 @@ def test_train_then_predict_with_bf16_lora(tmp_path, tiny_model_dir):
                  "--max_new_tokens", "3", "--save_strategy", "no", "--data_cache_dir", str(tmp_path / "c")]) == 0
     lines = (out / "generated_predictions.jsonl").read_text().splitlines()
     assert len(lines) == 8
+
+
+def test_eval_loss_same_with_and_without_packing_and_packed_training_runs(tmp_path, tiny_model_dir):
+    """Through the CLI: packing changes how rows are laid out, not the eval loss; a packed training run works."""
+    rows = [{"instruction": "word " * (i % 7 + 1), "output": "ok " * (i % 3 + 1)} for i in range(12)]
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    losses = []
+    for packing in ("false", "true"):
+        out = tmp_path / f"eval-{packing}"
+        assert main(["predict", tiny_model_dir, "--eval_file", str(ev), "--output_dir", str(out), "--bf16", "false",
+                     "--packing", packing, "--cutoff_len", "256", "--per_device_eval_batch_size", "2",
+                     "--template", "chatml", "--data_cache_dir", str(tmp_path / "cache")]) == 0
+        losses.append(json.loads((out / "eval_results.json").read_text()))
+    assert losses[0]["eval_loss"] == pytest.approx(losses[1]["eval_loss"], rel=1e-5)
+    assert losses[0]["eval_trained_tokens"] == losses[1]["eval_trained_tokens"]
+    out = tmp_path / "train-packed"
+    assert main(["train", "--model_name_or_path", tiny_model_dir, "--train_file", str(ev), "--packing", "true",
+                 "--cutoff_len", "256", "--output_dir", str(out), "--max_steps", "2", "--bf16", "false",
+                 "--save_strategy", "no", "--data_cache_dir", str(tmp_path / "cache")]) == 0
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["train_trained_tokens"] > 0 and res["train_loss"] > 0
