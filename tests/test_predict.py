@@ -121,3 +121,13 @@ def test_eval_loss_same_with_and_without_packing_and_packed_training_runs(tmp_pa
                  "--save_strategy", "no", "--data_cache_dir", str(tmp_path / "cache")]) == 0
     res = json.loads((out / "train_results.json").read_text())
     assert res["train_trained_tokens"] > 0 and res["train_loss"] > 0
+
+
+def test_predict_on_a_model_name(tmp_path, tiny_model_dir):
+    """`sftlab predict MODEL` for a base model: no output dir of its own, no saved config."""
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    out = tmp_path / "pred"
+    assert main(["predict", tiny_model_dir, "--test_file", str(f), "--output_dir", str(out), "--template", "chatml",
+                 "--max_new_tokens", "2", "--data_cache_dir", str(tmp_path / "c")]) == 0
+    assert (out / "generated_predictions.jsonl").is_file() and (out / "predict_results.json").is_file()

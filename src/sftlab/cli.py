@@ -78,7 +78,7 @@ def cmd_predict(argv: list[str]) -> int:
     from sftlab.workflow import run_sft
 
     if "-h" in argv or "--help" in argv:
-        print("usage: sftlab predict CONFIG_OR_OUTPUT_DIR [--key value ...]\n\n" + help_text())
+        print("usage: sftlab predict CONFIG.yaml | OUTPUT_DIR | MODEL [--key value ...]\n\n" + help_text())
         return 0
     if not argv:
         raise ConfigError("sftlab predict: give a config file or an output directory")
@@ -96,10 +96,13 @@ def cmd_predict(argv: list[str]) -> int:
                 raw.pop(f, None)
         raw["model_name_or_path"] = target
         raw["output_dir"] = os.path.join(target, "predict")
-    else:
+    elif target.endswith((".yaml", ".yml")):
         from sftlab.config import _read_yaml
 
         raw.update(_read_yaml(target))
+    else:  # a model name: the bundled model, a cached hub id or a .gguf file
+        raw["model_name_or_path"] = target
+        raw["output_dir"] = os.path.join("saves", "predict-" + os.path.basename(target.rstrip("/")).replace(".gguf", ""))
     _, flags = parse_argv(rest)
     for k, v in flags.items():
         try:
