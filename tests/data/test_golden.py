@@ -191,3 +191,18 @@ def test_tokenizer_template_default_system_matches_apply_chat_template(smol_toke
     ref = smol_tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
                                              tokenize=False, add_generation_prompt=True)
     assert t.render_prompt(msgs) == ref
+
+
+def test_system_option_replaces_the_tokenizer_templates_default_and_survives_saving(smol_tokenizer, tmp_path):
+    from sftlab.data.templates import load_saved_template, save_template
+
+    t = load_template(None, smol_tokenizer, system="Be kind.")
+    msgs = [Message("user", "Hi"), Message("assistant", "Hello")]
+    text = t.render(msgs).text
+    assert text.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi")
+    assert "SmolLM" not in text
+    save_template(t, tmp_path)
+    again = load_saved_template(tmp_path, smol_tokenizer)
+    assert again.render(msgs).text == text and again.render_prompt(msgs[:1]) == t.render_prompt(msgs[:1])
+    # A row's own system message wins over the default.
+    assert t.render([Message("system", "Row system."), *msgs]).text.startswith("<|im_start|>system\nRow system.")

@@ -231,7 +231,7 @@ def _finalize(t: Template, tokenizer) -> Template:
         for name in ("system_format", "user_format", "assistant_end", "assistant_after", "prefix"):
             setattr(t, name, _fill_specials(getattr(t, name), tokenizer))
         t.stop_strings = [_fill_specials(s, tokenizer) for s in t.stop_strings if _fill_specials(s, tokenizer)]
-    object.__setattr__(t, "_special_tokens", {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""})
+    t._special_tokens = {"bos": tokenizer.bos_token or "", "eos": tokenizer.eos_token or ""}
     if t.kind == "jinja" and not t.stop_strings:
         t.stop_strings = _detect_jinja_stop(t, tokenizer)
     return t
@@ -317,27 +317,20 @@ def load_template(spec: str | dict | None, tokenizer, *, system: str | None = No
         raise ConfigError(f"template: unknown template '{spec}'{hint} Built-in: {sorted(BUILTIN)}")
     if system is not None:
         t.default_system = system
-        if t.kind == "jinja":
-            # The Jinja template handles system turns itself; a default system prompt is added as a message.
-            object.__setattr__(t, "_default_system_msg", system)
     return _finalize(t, tokenizer)
 
 
 def with_default_system(t: Template, messages: list[Message]) -> list[Message]:
-    """Prepend the template's default system prompt for Jinja templates (pattern templates do it when rendering)."""
-    sys_msg = getattr(t, "_default_system_msg", None)
-    if t.kind == "jinja" and sys_msg and (not messages or messages[0].role != "system"):
-        return [Message("system", sys_msg), *messages]
+    """Prepend the template's default system prompt for Jinja templates (pattern templates do it when rendering);
+    the Jinja template then renders it as it renders any system turn."""
+    if t.kind == "jinja" and t.default_system and (not messages or messages[0].role != "system"):
+        return [Message("system", t.default_system), *messages]
     return messages
 
 
 def save_template(t: Template, out_dir: str | Path) -> Path:
     path = Path(out_dir) / TEMPLATE_FILE
-    d = t.to_dict()
-    sys_msg = getattr(t, "_default_system_msg", None)
-    if sys_msg:
-        d["default_system"] = sys_msg
-    path.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(t.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -350,7 +343,4 @@ def load_saved_template(model_dir: str | Path, tokenizer) -> Template | None:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"cannot parse saved template: {e}", file=str(path), line=e.lineno) from None
-    t = Template.from_dict(d)
-    if t.kind == "jinja" and t.default_system:
-        object.__setattr__(t, "_default_system_msg", t.default_system)
-    return _finalize(t, tokenizer)
+    return _finalize(Template.from_dict(d), tokenizer)
