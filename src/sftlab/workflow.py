@@ -68,9 +68,10 @@ def check_writable(output_dir: str) -> None:
     p = Path(output_dir)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".sftlab-write-test"
+        # One probe per process: the ranks of a distributed run check the same directory at the same moment.
+        probe = p / f".sftlab-write-test-{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"output_dir: cannot write to {output_dir}: {e.strerror or e}") from None
 
