@@ -64,7 +64,7 @@ def cmd_train(argv: list[str]) -> int:
 
     if "do_train" not in cfg.explicit and cfg.data.train_file:
         cfg.training.do_train = True  # `sftlab train` trains unless told otherwise
-    if "do_eval" not in cfg.explicit and cfg.data.eval_file or cfg.data.val_size:
+    if "do_eval" not in cfg.explicit and (cfg.data.eval_file or cfg.data.val_size):
         cfg.training.do_eval = True
     run_sft(cfg)
     return 0
@@ -92,8 +92,7 @@ def cmd_predict(argv: list[str]) -> int:
             for g in ("data", "generating", "rqa"):
                 raw.update({k: v for k, v in (groups.get(g) or {}).items() if v is not None})
             raw.update({k: v for k, v in (groups.get("training") or {}).items() if k in keep_training})
-            for f in ("train_file", "val_size"):
-                raw.pop(f, None)
+            raw.pop("train_file", None)
         raw["model_name_or_path"] = target
         raw["output_dir"] = os.path.join(target, "predict")
     elif target.endswith((".yaml", ".yml")):

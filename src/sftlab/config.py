@@ -165,10 +165,6 @@ class RQAArguments:
     chunk_overlap: int = _f(32, "Raw documents: tokens shared by consecutive chunks.")
 
 
-def dataclass_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 # ---- parsing ---------------------------------------------------------------------------------------------
 GROUPS = {
     "model": ModelArguments,

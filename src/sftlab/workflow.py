@@ -33,7 +33,7 @@ def preflight(cfg: Config) -> None:
             t.do_train = True
         else:
             raise ConfigError("nothing to do: give --train_file (or --do_eval/--do_predict with their files)")
-    for name in ("train_file", "eval_file", "test_file", "dataset"):
+    for name in ("train_file", "eval_file", "test_file"):
         for f in getattr(d, name, None) or []:
             if not os.path.exists(f) and not (f.count("/") == 1 and not Path(f).suffix):
                 raise ConfigError(f"{name}: file not found: {f}")
@@ -331,12 +331,9 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             train_target_tokens_per_second=round(trained / max(runtime, 1e-9), 2),
         )
         if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(t.output_dir)
-            save_template(template, t.output_dir)
+            tokenizer.save_pretrained(t.output_dir)  # the template was saved before training
             write_json(os.path.join(t.output_dir, "train_results.json"), train_metrics)
             trainer.state.save_to_json(os.path.join(t.output_dir, "trainer_state.json"))
-            if cfg.finetuning.plot_loss:
-                plot_loss(t.output_dir)
         metrics.update(train_metrics)
         log(f"train_loss {train_metrics.get('train_loss', float('nan')):.4f}, "
             f"{train_metrics['train_tokens_per_second']:.1f} tokens/s "

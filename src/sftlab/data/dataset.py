@@ -66,12 +66,6 @@ class EncodeSettings:
     options: F.FormatOptions
 
 
-def _file_list(spec: list[str] | str | None) -> list[str]:
-    if spec is None:
-        return []
-    return [spec] if isinstance(spec, str) else list(spec)
-
-
 def load_rows(files: list[str], dataset_format: str | None, column_mapping: dict[str, str],
               max_samples: int | None) -> list[tuple[str, Row]]:
     """(format, row) pairs from every file; the format is detected per file unless given."""
