@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -238,7 +239,7 @@ def run_sftlab(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> 
                 data_cache_dir=a.workdir + "/cache")
     if name == "sftlab_packing":
         over.update(packing=True, per_device_train_batch_size=a.packed_batch)
-    cfg = parse_config([], overrides=over)
+    cfg = parse_config(shlex.split(a.sftlab_args), overrides=over)
     metrics = run_sft(cfg, callbacks=[make_recorder(tok, evals, rec)])
     return dict(runtime=metrics["train_runtime"], tokens=metrics["train_tokens"],
                 trained=metrics["train_trained_tokens"], bf16=bool(cfg.training.bf16),
@@ -299,6 +300,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--out", default="benchmarks/results/throughput")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--sftlab-args", default="",
+                   help="extra sftlab flags for the sftlab configurations, one string: "
+                        "--sftlab-args='--max_tokens_per_forward 0'")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--packed-batch", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -328,7 +332,8 @@ def main() -> None:
         for name in a.configs.split(","):
             cmd = [sys.executable, __file__, "--one", f"{name}:{mode}", "--workdir", str(workdir),
                    "--rows", str(a.rows), "--steps", str(a.steps), "--batch", str(a.batch),
-                   "--max-length", str(a.max_length), "--threads", str(a.threads), "--packed-batch", str(packed)]
+                   "--max-length", str(a.max_length), "--threads", str(a.threads), "--packed-batch", str(packed),
+                   "--sftlab-args=" + a.sftlab_args]
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)

@@ -196,13 +196,19 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
 
     * sdpa -> ``"sftlab_varlen"`` attention (see sftlab.train.attention): batches become one padding-free row and
       attention runs per example, instead of over padding or one dense mask over a whole pack.
+    * Linear and LoRA layers run as one autograd function each (sftlab.train.linear): the same arithmetic as
+      autocast / peft's forward, with one bf16 copy of each layer input instead of one per projection, and
+      without peft's activation casts and full-width scaling.
     * Under bf16 autocast, LoRA's frozen linear weights are stored in bf16:
       autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
       per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
+    * glibc keeps freed memory for the next step instead of unmapping it (sftlab.train.allocator).
     """
     import torch
 
+    from sftlab.train.allocator import retain_freed_memory
     from sftlab.train.attention import register_varlen_attention
+    from sftlab.train.linear import use_fused_linears
     from sftlab.train.loss import unwrap_model
 
     done: list[str] = []
@@ -213,9 +219,12 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
     if getattr(base.config, "_attn_implementation", None) == "sdpa":
         base.set_attn_implementation(register_varlen_attention())
         done.append("per-example (varlen) attention on padding-free batches")
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    n_lora, n_plain = use_fused_linears(model, skip=(head,) if head is not None else ())
+    if n_lora or n_plain:
+        done.append(f"{n_lora} LoRA and {n_plain} plain linear layers as fused autograd functions")
     # LoRA only: freeze saves the whole model, and its frozen layers must be written back exactly as loaded.
     if t.bf16 and cfg.finetuning.finetuning_type == "lora":
-        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         n = 0
         for module in model.modules():
             if type(module) is not torch.nn.Linear or module is head or module.weight.requires_grad:
@@ -228,6 +237,8 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
             n += 1
         if n:
             done.append(f"{n} frozen linear weights stored in bf16")
+    if retain_freed_memory():
+        done.append("freed memory kept for the next step (glibc mallopt)")
     return done
 
 

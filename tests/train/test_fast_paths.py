@@ -156,6 +156,7 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from sftlab.config import parse_config
+    from sftlab.train.linear import use_fused_linears
     from sftlab.workflow import cpu_training_speedups
 
     def lora_model():
@@ -169,6 +170,9 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
                                           finetuning_type="lora"))
     done = cpu_training_speedups(model, cfg)
     assert any("bf16" in line for line in done) and any("varlen" in line for line in done)
+    # The fused LoRA function (compared with peft in test_lora_linear.py) on both, so only the storage differs.
+    assert any("fused" in line for line in done)
+    use_fused_linears(ref_model, skip=(ref_model.get_base_model().lm_head,))
     base = model.get_base_model()
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert base.model.embed_tokens.weight.dtype == torch.float32  # tied LM head stays fp32
@@ -256,3 +260,17 @@ def test_trainer_token_budget_gives_the_same_step(tmp_path):
         torch.testing.assert_close(params_b[name], p, rtol=1e-4, atol=1e-6)
         moved += int(not torch.equal(p, initial[name]))
     assert moved > 0  # the step did train
+
+
+def test_frozen_head_cast_is_kept_only_while_the_weight_is_frozen_and_unchanged():
+    from sftlab.train.loss import _frozen_cast
+
+    w = torch.randn(7, 5)
+    a = _frozen_cast(w, torch.bfloat16)
+    assert _frozen_cast(w, torch.bfloat16) is a
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step or load_state_dict would do this in place
+    b = _frozen_cast(w, torch.bfloat16)
+    assert b is not a and torch.equal(b, w.bfloat16())
+    trained = torch.randn(7, 5, requires_grad=True)
+    assert _frozen_cast(trained, torch.bfloat16) is not _frozen_cast(trained, torch.bfloat16)

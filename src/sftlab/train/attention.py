@@ -40,14 +40,6 @@ def register_varlen_attention() -> str:
     return VARLEN_ATTENTION
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hkv, N, D) -> (B, Hkv * groups, N, D) for grouped-query attention."""
-    if groups == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
-
-
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -65,8 +57,8 @@ def varlen_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    # Grouped-query attention: sdpa maps query heads to shared key/value heads itself (no expanded copies).
+    gqa = key.shape[1] != query.shape[1]
     out_dtype = value.dtype
     device_type = query.device.type
     fast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
@@ -85,7 +77,7 @@ def varlen_attention_forward(
                 continue
             dtype = torch.float32 if n < FP32_BELOW else fast
             o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p=dropout,
-                                               scale=scaling, is_causal=True)
+                                               scale=scaling, is_causal=True, enable_gqa=gqa)
             outs.append(o.to(out_dtype))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,29 @@ def _chunk_ce(
     return loss, hits
 
 
+# Rows of logits per log-softmax pass: 32 x 49k vocabulary in fp32 is 6 MiB, which stays in cache between the
+# log-softmax and the exp that turns it into the gradient (one full-size fp32 block cost ~4x as much per row).
+_CE_ROWS = 32
+
+
+_frozen_casts: dict = {}
+
+
+def _frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, kept across steps while the weight is frozen and unchanged (a LoRA run's tied
+    embedding / LM head: 49k x 576 cast per step otherwise)."""
+    if weight.dtype == dtype or weight.requires_grad or weight.is_inference():
+        return weight.to(dtype)
+    key = (weight.data_ptr(), weight._version, dtype, weight.shape)
+    hit = _frozen_casts.get(id(weight))
+    if hit is not None and hit[0] == key and hit[1]() is weight:
+        return hit[2]
+    cast = weight.to(dtype)
+    _frozen_casts.clear()  # one model at a time: never keep casts of weights no longer in use
+    _frozen_casts[id(weight)] = (key, weakref.ref(weight), cast)
+    return cast
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """Summed CE of ``hidden @ weight.T (+ bias)`` against ``targets``, with the gradients made in forward.
 
@@ -149,39 +173,43 @@ class _FusedLinearCE(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        h_all, w = hidden.to(dtype), weight.to(dtype)
+        h_all, w = hidden.to(dtype), _frozen_cast(weight, dtype)
         b = bias.to(dtype) if bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grad_w = grad_b = None
         for start in range(0, h_all.shape[0], chunk_size):
             h = h_all[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            rows = torch.arange(t.shape[0], device=t.device)
             logits = h @ w.t() if b is None else torch.addmm(b, h, w.t())
-            # The (chunk x vocab) block is memory-bound: few passes, fp32 log-softmax straight from the logits.
-            logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
-            logp_t = logp[rows, t]
-            loss -= logp_t.sum()
+            # The (chunk x vocab) block is memory-bound. Row blocks small enough to stay in cache go through
+            # fp32 log-softmax once; the gradient d(sum CE)/d(logits) = softmax - one_hot then overwrites the
+            # logits in place (in the matmul dtype: one rounding of an fp32 softmax), so no second full-size
+            # block is ever allocated. The target entry is made from the fp32 log-prob, so a confident p close to
+            # 1 does not lose p - 1 to that rounding.
+            for r0 in range(0, t.shape[0], _CE_ROWS):
+                block = logits[r0 : r0 + _CE_ROWS]
+                tb = t[r0 : r0 + _CE_ROWS]
+                rows = torch.arange(tb.shape[0], device=tb.device)
+                logp = F.log_softmax(block, dim=-1, dtype=torch.float32)
+                logp_t = logp[rows, tb]
+                loss -= logp_t.sum()
+                if need_h or need_w or need_b:
+                    block.copy_(logp.exp_())
+                    block[rows, tb] = (logp_t.exp() - 1.0).to(dtype)
+                del logp
             if not (need_h or need_w or need_b):
                 continue
-            # d(sum CE)/d(logits) = softmax - one_hot, in the matmul dtype: softmax of low-precision logits
-            # accumulates in fp32 and rounds once, as casting an fp32 softmax would. The target entry is made from
-            # the fp32 log-prob, so a confident p close to 1 does not lose p - 1 to that rounding.
-            if dtype == torch.float32:
-                g = logp.exp_()
-            else:
-                del logp
-                g = torch.softmax(logits, dim=-1)
-            del logits
-            g[rows, t] = (logp_t.exp() - 1.0).to(dtype)
+            g = logits
             if need_h:
                 grad_h[start : start + chunk_size] = g @ w
+            # Usually one chunk: its product is the gradient (no zero-filled vocab x hidden buffer to add into).
             if need_w:
-                grad_w += (g.t() @ h).float()
+                gw = (g.t() @ h).float()
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
             if need_b:
-                grad_b += g.float().sum(0)
+                gb = g.float().sum(0)
+                grad_b = gb if grad_b is None else grad_b.add_(gb)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -192,10 +220,12 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         if grad_h is not None:
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        # In place: the saved sums are used once (a second backward through this graph fails the saved-tensor
+        # version check instead of reading scaled values), and a vocab x hidden copy per step is saved.
         if grad_w is not None:
-            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+            grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
         if grad_b is not None:
-            grad_b = (grad_b * grad_loss).to(ctx.bias_dtype)
+            grad_b = grad_b.mul_(grad_loss).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None, None
 
 
