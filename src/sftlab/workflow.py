@@ -198,7 +198,7 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
       attention runs per example, instead of over padding or one dense mask over a whole pack.
     * Linear and LoRA layers run as one autograd function each (sftlab.train.linear): the same arithmetic as
       autocast / peft's forward, with one bf16 copy of each layer input instead of one per projection, and
-      without peft's activation casts and full-width scaling.
+      without peft's activation casts and full-width scaling. Llama-style RMSNorms likewise (sftlab.train.norm).
     * Under bf16 autocast, LoRA's frozen linear weights are stored in bf16:
       autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
       per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
@@ -210,6 +210,7 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
     from sftlab.train.attention import register_varlen_attention
     from sftlab.train.linear import use_fused_linears
     from sftlab.train.loss import unwrap_model
+    from sftlab.train.norm import use_fused_rms_norms
 
     done: list[str] = []
     t = cfg.training
@@ -223,6 +224,9 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
     n_lora, n_plain = use_fused_linears(model, skip=(head,) if head is not None else ())
     if n_lora or n_plain:
         done.append(f"{n_lora} LoRA and {n_plain} plain linear layers as fused autograd functions")
+    n_norms = use_fused_rms_norms(model)
+    if n_norms:
+        done.append(f"{n_norms} RMSNorm layers as fused autograd functions")
     # LoRA only: freeze saves the whole model, and its frozen layers must be written back exactly as loaded.
     if t.bf16 and cfg.finetuning.finetuning_type == "lora":
         n = 0
