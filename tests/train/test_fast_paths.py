@@ -274,3 +274,9 @@ def test_frozen_head_cast_is_kept_only_while_the_weight_is_frozen_and_unchanged(
     assert b is not a and torch.equal(b, w.bfloat16())
     trained = torch.randn(7, 5, requires_grad=True)
     assert _frozen_cast(trained, torch.bfloat16) is not _frozen_cast(trained, torch.bfloat16)
+
+    from sftlab.train import loss as loss_module
+
+    assert loss_module._frozen_casts  # w's cast is held ...
+    del w, a, b
+    assert not loss_module._frozen_casts  # ... until w itself is gone

@@ -157,7 +157,9 @@ def _frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return hit[2]
     cast = weight.to(dtype)
     _frozen_casts.clear()  # one model at a time: never keep casts of weights no longer in use
-    _frozen_casts[id(weight)] = (key, weakref.ref(weight), cast)
+    wid = id(weight)
+    # The entry goes with the weight: a finished run's model does not leave its cast behind.
+    _frozen_casts[wid] = (key, weakref.ref(weight, lambda _ref: _frozen_casts.pop(wid, None)), cast)
     return cast
 
 
