@@ -143,6 +143,16 @@ def _linear_forward(self, x):
     return linear(x, self.weight, self.bias)
 
 
+def swap_forward(module: torch.nn.Module, forward) -> bool:
+    """Make ``forward(module, ...)`` the module's forward, keeping the original as ``_sftlab_original_forward`` for
+    the cases it does not cover. Not twice, and not on modules with hooks (they expect the original)."""
+    if hasattr(module, "_sftlab_original_forward") or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    module._sftlab_original_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
 def use_fused_linears(model: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ()) -> tuple[int, int]:
     """Route plain peft ``lora.Linear`` layers and the plain ``nn.Linear`` layers outside them (except ``skip``)
     through ``linear``; returns (LoRA layers, plain layers) newly routed."""
@@ -155,18 +165,9 @@ def use_fused_linears(model: torch.nn.Module, skip: tuple[torch.nn.Module, ...] 
     for module in model.modules():
         if LoraLinear is not None and type(module) is LoraLinear:
             inside_lora.update(id(m) for m in module.modules() if m is not module)
-            if not hasattr(module, "_sftlab_original_forward"):
-                module._sftlab_original_forward = module.forward
-                module.forward = types.MethodType(_lora_forward, module)
-                n_lora += 1
-    skip_ids = {id(m) for m in skip}
+            n_lora += swap_forward(module, _lora_forward)
+    skip_ids = {id(m) for m in skip} | inside_lora
     for module in model.modules():
-        if (type(module) is not torch.nn.Linear or id(module) in inside_lora or id(module) in skip_ids
-                or hasattr(module, "_sftlab_original_forward")):
-            continue
-        if module._forward_hooks or module._forward_pre_hooks:
-            continue
-        module._sftlab_original_forward = module.forward
-        module.forward = types.MethodType(_linear_forward, module)
-        n_plain += 1
+        if type(module) is torch.nn.Linear and id(module) not in skip_ids:
+            n_plain += swap_forward(module, _linear_forward)
     return n_lora, n_plain

@@ -12,9 +12,9 @@ and one scaled multiply; backward is ``dx = rstd * (g w) - x * rstd^3 * mean(g w
 
 from __future__ import annotations
 
-import types
-
 import torch
+
+from sftlab.train.linear import swap_forward
 
 # Classes whose forward is: x.float(); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(input dtype).
 RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -65,14 +65,9 @@ def use_fused_rms_norms(model: torch.nn.Module) -> int:
     """Route the known RMSNorm modules of ``model`` through ``rms_norm``; returns how many were newly routed."""
     n = 0
     for module in model.modules():
-        if type(module).__name__ not in RMS_NORM_CLASSES or hasattr(module, "_sftlab_original_forward"):
+        if type(module).__name__ not in RMS_NORM_CLASSES:
             continue
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or not hasattr(module, "variance_epsilon"):
-            continue
-        if module._forward_hooks or module._forward_pre_hooks:
-            continue
-        module._sftlab_original_forward = module.forward
-        module.forward = types.MethodType(_forward, module)
-        n += 1
+        if isinstance(weight, torch.nn.Parameter) and weight.dim() == 1 and hasattr(module, "variance_epsilon"):
+            n += swap_forward(module, _forward)
     return n
