@@ -202,3 +202,21 @@ def test_freeze_with_bf16_saves_frozen_layers_unchanged(tmp_path, tiny_model_dir
     for k in before:
         if k.startswith("model.layers.0."):
             assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_gradient_checkpointing_changes_memory_not_the_losses(tmp_path, tiny_model_dir, finetuning_type):
+    """With bf16 and the CPU fast paths (fused linears sharing cast inputs, fused norms, varlen attention), the
+    recomputation of gradient checkpointing must give the same step losses as storing the activations."""
+    train, _ = write_data(tmp_path)
+    losses = {}
+    for ckpt in ("false", "true"):
+        out = tmp_path / f"{finetuning_type}-{ckpt}"
+        args = base_args(tiny_model_dir, train, out, "--finetuning_type", finetuning_type,
+                         "--gradient_checkpointing", ckpt, "--save_strategy", "no")
+        args[args.index("--bf16") + 1] = "true"
+        args[args.index("--max_steps") + 1] = "3"
+        assert main(args) == 0
+        losses[ckpt] = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
