@@ -157,6 +157,7 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
 
     from sftlab.config import parse_config
     from sftlab.train.linear import use_fused_linears
+    from sftlab.train.norm import use_fused_rms_norms
     from sftlab.workflow import cpu_training_speedups
 
     def lora_model():
@@ -170,9 +171,11 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
                                           finetuning_type="lora"))
     done = cpu_training_speedups(model, cfg)
     assert any("bf16" in line for line in done) and any("varlen" in line for line in done)
-    # The fused LoRA function (compared with peft in test_lora_linear.py) on both, so only the storage differs.
+    # The fused functions (compared with peft / transformers in test_linear.py, test_norm.py, test_rotary.py) on
+    # both, so only the storage differs.
     assert any("fused" in line for line in done)
     use_fused_linears(ref_model, skip=(ref_model.get_base_model().lm_head,))
+    use_fused_rms_norms(ref_model)
     base = model.get_base_model()
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert base.model.embed_tokens.weight.dtype == torch.float32  # tied LM head stays fp32
