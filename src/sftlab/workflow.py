@@ -313,6 +313,7 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         processing_class=tokenizer, callbacks=cbs,
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
         max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward,
+        pad_tokens_to_multiple_of=cfg.finetuning.pad_tokens_to_multiple_of,
     )
     trainer_box.append(trainer)
 

@@ -283,3 +283,61 @@ def test_frozen_head_cast_is_kept_only_while_the_weight_is_frozen_and_unchanged(
     assert loss_module._frozen_casts  # w's cast is held ...
     del w, a, b
     assert not loss_module._frozen_casts  # ... until w itself is gone
+
+
+def test_pad_flat_batch_appends_one_unlabelled_segment():
+    from sftlab.data.collator import pad_flat_batch
+
+    feats = _features((3, 5, 2))  # 10 tokens
+    batch = SFTCollator(0, mask_mode="flatten")(feats)
+    padded = pad_flat_batch(batch, 8, pad_token_id=7)
+    assert padded["input_ids"].shape == (1, 16)
+    assert padded["input_ids"][0, 10:].tolist() == [7] * 6
+    assert torch.equal(padded["input_ids"][:, :10], batch["input_ids"])
+    assert padded["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5]
+    assert padded["labels"][0, 10:].tolist() == [-100] * 6
+    assert padded["shift_labels"][0, 10:].tolist() == [-100] * 6
+    assert padded["cu_seq_lens_q"].tolist() == [0, 3, 8, 10, 16] == padded["cu_seq_lens_k"].tolist()
+    assert padded["max_length_q"] == padded["max_length_k"] == 6
+    assert pad_flat_batch(padded, 8) is padded  # already a multiple
+    assert pad_flat_batch(batch, 0) is batch and pad_flat_batch(batch, 1) is batch
+
+
+@pytest.mark.parametrize("multiple", [7, 64])
+def test_padding_a_pass_changes_no_loss_or_gradient(multiple):
+    """The padding segment is attended by nothing and trains nothing: loss, trained-token count, accuracy and
+    gradients are those of the unpadded batch (fp32), in training and in evaluation."""
+    register_varlen_attention()
+    batch = SFTCollator(0, mask_mode="flatten")(_features())  # 61 tokens
+    model = _model(VARLEN_ATTENTION)
+    ref = compute_sft_loss(model, batch)
+    ref.loss_sum.backward()
+    ref_grads = _grads(model)
+    got = compute_sft_loss(model, batch, pad_to_multiple_of=multiple)
+    got.loss_sum.backward()
+    torch.testing.assert_close(got.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-5)
+    assert int(got.n_tokens) == int(ref.n_tokens)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_grads[k], rtol=1e-4, atol=1e-5 * float(ref_grads[k].abs().max()))
+    with torch.no_grad():
+        ev_ref = compute_sft_loss(model, batch, return_correct=True)
+        ev = compute_sft_loss(model, batch, return_correct=True, pad_to_multiple_of=multiple)
+    torch.testing.assert_close(ev.loss_sum, ev_ref.loss_sum, rtol=1e-5, atol=1e-5)
+    assert int(ev.n_correct) == int(ev_ref.n_correct) and int(ev.n_tokens) == int(ev_ref.n_tokens)
+
+
+def test_padding_reaches_the_model_as_a_multiple(monkeypatch):
+    """What the decoder sees is padded; padded-row batches (no per-example attention) are left alone."""
+    register_varlen_attention()
+    seen = []
+    model = _model(VARLEN_ATTENTION)
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        compute_sft_loss(model, SFTCollator(0, mask_mode="flatten")(_features()), pad_to_multiple_of=64)
+        plain = _model("sdpa")
+        plain.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+        compute_sft_loss(plain, SFTCollator(0)(_features()), pad_to_multiple_of=64)
+    finally:
+        hook.remove()
+    assert seen[0] == (1, 64)
+    assert seen[1] == (5, 30)  # 5 rows padded to the longest example, as the collator made them

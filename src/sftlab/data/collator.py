@@ -220,3 +220,32 @@ def split_flat_batch(batch: dict, max_tokens: int) -> list[dict]:
         piece.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t.clone(), max_length_q=longest, max_length_k=longest)
         pieces.append(piece)
     return pieces
+
+
+def pad_flat_batch(batch: dict, multiple: int, pad_token_id: int = 0) -> dict:
+    """Round a ``"flatten"``-mode batch's length up to a multiple of ``multiple`` with one extra segment of
+    padding (its own example: no label, positions from 0, attended by nothing else), so the token count of a
+    forward pass takes few distinct values. Returns ``batch`` itself when it is already a multiple."""
+    ids = batch["input_ids"]
+    extra = (-ids.shape[1]) % multiple if multiple > 1 else 0
+    if extra == 0:
+        return batch
+    out = dict(batch)
+
+    def grow(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([t, t.new_full((1, extra), value)], dim=1)
+
+    out["input_ids"] = grow(ids, pad_token_id)
+    for key in ("labels", "shift_labels"):
+        if key in batch:
+            out[key] = grow(batch[key], IGNORE_INDEX)
+    if "position_ids" in batch:
+        pos = batch["position_ids"]
+        out["position_ids"] = torch.cat([pos, torch.arange(extra, dtype=pos.dtype, device=pos.device)[None]], 1)
+    if "attention_mask" in batch and batch["attention_mask"] is not None:
+        out["attention_mask"] = grow(batch["attention_mask"], 1)
+    cu = batch["cu_seq_lens_q"]
+    cu = torch.cat([cu, cu[-1:] + extra])
+    out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=max(int(batch["max_length_q"]), extra),
+               max_length_k=max(int(batch["max_length_k"]), extra))
+    return out

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sftlab.data.collator import pad_flat_batch
 from sftlab.errors import ConfigError
 from sftlab.train.attention import VARLEN_ATTENTION
 
@@ -141,6 +142,8 @@ def _chunk_ce(
 # Rows of logits per log-softmax pass: 32 x 49k vocabulary in fp32 is 6 MiB, which stays in cache between the
 # log-softmax and the exp that turns it into the gradient (one full-size fp32 block cost ~4x as much per row).
 _CE_ROWS = 32
+# The head's rows are padded to a multiple of this (see _FusedLinearCE.forward).
+_HEAD_ROWS = 64
 
 
 _frozen_casts: dict = {}
@@ -175,22 +178,30 @@ class _FusedLinearCE(torch.autograd.Function):
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        h_all, w = hidden.to(dtype), _frozen_cast(weight, dtype)
+        n = hidden.shape[0]
+        w = _frozen_cast(weight, dtype)
+        # Rows padded with zeros to a multiple of _HEAD_ROWS: the matmuls' shapes then repeat from step to step
+        # (see FinetuningArguments.pad_tokens_to_multiple_of); zero rows add nothing to the weight's gradient.
+        padded = -(-n // _HEAD_ROWS) * _HEAD_ROWS
+        h_all = hidden.new_zeros((padded, hidden.shape[1]), dtype=dtype)
+        h_all[:n] = hidden
         b = bias.to(dtype) if bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_h = hidden.new_empty((padded, hidden.shape[1])) if need_h else None
         grad_w = grad_b = None
-        for start in range(0, h_all.shape[0], chunk_size):
+        for start in range(0, padded, chunk_size):
             h = h_all[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             logits = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+            if t.shape[0] < logits.shape[0]:  # the padding rows' gradient is zero
+                logits[t.shape[0] :] = 0
             # The (chunk x vocab) block is memory-bound. Row blocks small enough to stay in cache go through
             # fp32 log-softmax once; the gradient d(sum CE)/d(logits) = softmax - one_hot then overwrites the
             # logits in place (in the matmul dtype: one rounding of an fp32 softmax), so no second full-size
             # block is ever allocated. The target entry is made from the fp32 log-prob, so a confident p close to
             # 1 does not lose p - 1 to that rounding.
             for r0 in range(0, t.shape[0], _CE_ROWS):
-                block = logits[r0 : r0 + _CE_ROWS]
+                block = logits[r0 : min(r0 + _CE_ROWS, t.shape[0])]
                 tb = t[r0 : r0 + _CE_ROWS]
                 rows = torch.arange(tb.shape[0], device=tb.device)
                 logp = F.log_softmax(block, dim=-1, dtype=torch.float32)
@@ -212,6 +223,8 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_b:
                 gb = g.float().sum(0)
                 grad_b = gb if grad_b is None else grad_b.add_(gb)
+        if grad_h is not None:
+            grad_h = grad_h[:n]
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -286,6 +299,7 @@ def compute_sft_loss(
     chunk_size: int = 1024,
     return_correct: bool = False,
     recompute_chunks: bool = True,
+    pad_to_multiple_of: int = 0,
 ) -> LossParts:
     """Sum of next-token cross-entropy over positions with ``shift_labels != -100``, computed chunk-wise.
 
@@ -294,7 +308,9 @@ def compute_sft_loss(
     are projected to the vocabulary at a time; ``recompute_chunks`` recomputes each chunk's logits in backward
     (activation checkpointing) instead of storing them; it only matters where the fused path (training with a
     plain linear head, see ``fused_linear_cross_entropy``) does not apply. A batch without trained tokens gives a zero
-    ``loss_sum`` that is still connected to the graph (zero, finite gradients).
+    ``loss_sum`` that is still connected to the graph (zero, finite gradients). ``pad_to_multiple_of``: a
+    padding-free batch under sftlab's per-example attention is first padded to a multiple of that many tokens
+    (``sftlab.data.collator.pad_flat_batch``; see ``FinetuningArguments.pad_tokens_to_multiple_of`` for why).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -304,6 +320,11 @@ def compute_sft_loss(
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
     base = unwrap_model(model)
+    if (pad_to_multiple_of and pad_to_multiple_of > 1 and "cu_seq_lens_q" in inputs
+            and shift_labels.shape[0] == 1 and getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION):
+        # Per-example attention keeps the padding segment apart, so the real tokens' results are unchanged.
+        inputs = pad_flat_batch(dict(inputs, shift_labels=shift_labels), pad_to_multiple_of)
+        shift_labels = inputs["shift_labels"]
     decoder, lm_head, softcap = _head_parts(base)
     model_inputs = _model_inputs(base, inputs, next(base.parameters()).dtype)
     _check_attention(base, model_inputs, shift_labels.shape[0])

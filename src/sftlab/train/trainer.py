@@ -48,10 +48,11 @@ class SFTTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss_chunk_size: int = 1024, compute_accuracy: bool = True,
-                 max_tokens_per_forward: int | None = None, **kwargs):
+                 max_tokens_per_forward: int | None = None, pad_tokens_to_multiple_of: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
         self.max_tokens_per_forward = max_tokens_per_forward
+        self.pad_tokens_to_multiple_of = pad_tokens_to_multiple_of
         self.compute_accuracy = compute_accuracy
         self.tokens_seen = 0  # non-pad tokens, this rank
         self.trained_tokens_seen = 0  # tokens with a label, this rank
@@ -61,7 +62,8 @@ class SFTTrainer(Trainer):
 
     # ---- training --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size)
+        parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size,
+                                 pad_to_multiple_of=self.pad_tokens_to_multiple_of)
         if model.training:
             self.tokens_seen += real_token_count(inputs)
             self.trained_tokens_seen += int(parts.n_tokens)
@@ -110,7 +112,8 @@ class SFTTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size, return_correct=True)
+            parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size, return_correct=True,
+                                     pad_to_multiple_of=self.pad_tokens_to_multiple_of)
         sums = self._eval_sums
         if sums is not None:
             sums += torch.stack([parts.loss_sum.detach().double(), parts.n_tokens.double(),
