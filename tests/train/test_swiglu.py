@@ -1,0 +1,70 @@
+"""sftlab.train.swiglu against the gated MLP it replaces: bit-identical outputs and gradients, less kept for
+backward, and the module's own forward where the function does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftlab.train.swiglu import swiglu, use_fused_swiglu
+from tests.helpers import tiny_llama_config
+
+
+def test_swiglu_against_the_formula_in_fp64():
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (gate, up))
+    torch.testing.assert_close(swiglu(gate, up), gate * torch.sigmoid(gate) * up)
+
+
+def _mlp(seed=0):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(seed)
+    return LlamaMLP(tiny_llama_config(50))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_mlp_is_bit_identical_to_llama_mlp(autocast):
+    ref, mlp = _mlp(), _mlp()
+    assert use_fused_swiglu(mlp) == 1 and use_fused_swiglu(mlp) == 0
+    x = torch.randn(2, 9, ref.hidden_size)
+    grad = torch.randn(2, 9, ref.hidden_size)
+    results = []
+    for m in (ref, mlp):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xi)
+        y.backward(grad)
+        results.append([y.detach(), xi.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_fused_mlp_keeps_two_activations_not_three():
+    """What autograd holds for backward after a forward: gate and up, not silu(gate) as well."""
+    sizes = []
+    for fuse in (False, True):
+        mlp = _mlp()
+        if fuse:
+            use_fused_swiglu(mlp)
+        params = {p.data_ptr() for p in mlp.parameters()}
+        kept = {}
+
+        def pack(t):
+            if t.shape[-1] == mlp.intermediate_size and t.data_ptr() not in params:
+                kept[t.data_ptr()] = t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mlp(torch.randn(4, mlp.hidden_size, requires_grad=True))
+        sizes.append(sum(kept.values()))
+    assert sizes == [4 * 4 * mlp.intermediate_size, 3 * 4 * mlp.intermediate_size]  # g, silu(g), u, h -> g, u, h
+
+
+def test_other_activations_keep_their_forward():
+    mlp = _mlp()
+    mlp.act_fn = torch.nn.GELU()
+    assert use_fused_swiglu(mlp) == 0
+    assert swiglu(torch.randn(3, 4), torch.randn(4)).shape == (3, 4)  # broadcasting: plain ops
