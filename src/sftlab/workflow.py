@@ -57,11 +57,10 @@ def preflight(cfg: Config) -> None:
         check_rqa_options(cfg)
     if cfg.finetuning.finetuning_type not in ("lora", "full", "freeze"):
         raise ConfigError(f"finetuning_type: unknown '{cfg.finetuning.finetuning_type}'; choose lora, full or freeze")
-    f = cfg.finetuning
-    for name in ("loss_chunk_size", "max_tokens_per_forward", "pad_tokens_to_multiple_of"):
-        value = getattr(f, name)
-        if value is not None and value < (1 if name == "loss_chunk_size" else 0):
-            raise ConfigError(f"{name}: {value} must be {'>= 1' if name == 'loss_chunk_size' else '>= 0'}")
+    for name, lowest in (("loss_chunk_size", 1), ("max_tokens_per_forward", 0), ("pad_tokens_to_multiple_of", 0)):
+        value = getattr(cfg.finetuning, name)
+        if value is not None and value < lowest:
+            raise ConfigError(f"{name}: {value} must be >= {lowest}")
     if t.load_best_model_at_end and not (d.eval_file or d.val_size):
         raise ConfigError("load_best_model_at_end needs evaluation data (--eval_file or --val_size)")
     if getattr(t.eval_strategy, "value", t.eval_strategy) != "no" and not (d.eval_file or d.val_size):

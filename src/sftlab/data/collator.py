@@ -146,18 +146,12 @@ class SFTCollator:
             labels.extend(lab)
             shift_labels.extend(_shifted(lab, segs))
             segs_all.extend(n for n in segs if n)
-        pad = self._round_up(len(input_ids)) - len(input_ids)
-        if pad:
-            input_ids.extend([self.pad_token_id] * pad)
-            labels.extend([IGNORE_INDEX] * pad)
-            shift_labels.extend([IGNORE_INDEX] * pad)
-            segs_all.append(pad)
         cu = [0]
         for n in segs_all:
             cu.append(cu[-1] + n)
         cu_t = torch.tensor(cu, dtype=torch.int32)
         max_len = max(segs_all) if segs_all else 0
-        return {
+        batch = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "shift_labels": torch.tensor([shift_labels], dtype=torch.long),
@@ -167,6 +161,7 @@ class SFTCollator:
             "max_length_q": max_len,
             "max_length_k": max_len,
         }
+        return pad_flat_batch(batch, self.pad_to_multiple_of or 0, self.pad_token_id)
 
 
 def block_causal_mask(seg_lens: list[list[int]], width: int) -> torch.Tensor:
