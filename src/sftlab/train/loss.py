@@ -183,8 +183,9 @@ class _FusedLinearCE(torch.autograd.Function):
         # Rows padded with zeros to a multiple of _HEAD_ROWS: the matmuls' shapes then repeat from step to step
         # (see FinetuningArguments.pad_tokens_to_multiple_of); zero rows add nothing to the weight's gradient.
         padded = -(-n // _HEAD_ROWS) * _HEAD_ROWS
-        h_all = hidden.new_zeros((padded, hidden.shape[1]), dtype=dtype)
+        h_all = hidden.new_empty((padded, hidden.shape[1]), dtype=dtype)
         h_all[:n] = hidden
+        h_all[n:] = 0
         b = bias.to(dtype) if bias is not None else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = hidden.new_empty((padded, hidden.shape[1])) if need_h else None
@@ -193,7 +194,7 @@ class _FusedLinearCE(torch.autograd.Function):
             h = h_all[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             logits = h @ w.t() if b is None else torch.addmm(b, h, w.t())
-            if t.shape[0] < logits.shape[0]:  # the padding rows' gradient is zero
+            if t.shape[0] < logits.shape[0] and (need_h or need_w or need_b):  # padding rows: zero gradient
                 logits[t.shape[0] :] = 0
             # The (chunk x vocab) block is memory-bound. Row blocks small enough to stay in cache go through
             # fp32 log-softmax once; the gradient d(sum CE)/d(logits) = softmax - one_hot then overwrites the
