@@ -122,7 +122,7 @@ class FinetuningArguments:
         1024, "Trained positions per chunk of the LM-head + cross-entropy computation (bounds peak memory)."
     )
     max_tokens_per_forward: int | None = _f(
-        1024, "Padding-free batches (CPU, flash attention) with more tokens run as several forward/backward passes "
+        1536, "Padding-free batches (CPU, flash attention) with more tokens run as several forward/backward passes "
         "of whole examples in one optimizer step: same result, bounded activation memory. 0/None: never split."
     )
     pad_tokens_to_multiple_of: int = _f(

@@ -208,11 +208,12 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
     * Under bf16 autocast, LoRA's frozen linear weights are stored in bf16:
       autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
       per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
-    * glibc keeps freed memory for the next step instead of unmapping it (sftlab.train.allocator).
+    * glibc keeps freed memory for the next step instead of unmapping it, and weights still backed by the
+      checkpoint's file mapping are copied out so the mapping goes (sftlab.train.allocator).
     """
     import torch
 
-    from sftlab.train.allocator import retain_freed_memory
+    from sftlab.train.allocator import own_file_backed_tensors, retain_freed_memory
     from sftlab.train.attention import register_varlen_attention
     from sftlab.train.linear import use_fused_linears
     from sftlab.train.loss import unwrap_model
@@ -254,6 +255,9 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
             n += 1
         if n:
             done.append(f"{n} frozen linear weights stored in bf16")
+    n_owned = own_file_backed_tensors(model)
+    if n_owned:
+        done.append(f"{n_owned} tensors copied out of the checkpoint's file mapping (so the mapping is released)")
     if retain_freed_memory():
         done.append("freed memory kept for the next step (glibc mallopt)")
     return done

@@ -68,3 +68,66 @@ def test_other_activations_keep_their_forward():
     mlp.act_fn = torch.nn.GELU()
     assert use_fused_swiglu(mlp) == 0
     assert swiglu(torch.randn(3, 4), torch.randn(4)).shape == (3, 4)  # broadcasting: plain ops
+
+
+@pytest.mark.parametrize("kind", ["lora", "plain", "lora_bias"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mlp_with_fused_down_projection_is_bit_identical(kind, autocast):
+    """With the projections on sftlab's fused linear path, the MLP runs silu * up and the down projection as one
+    function (product recomputed in backward): the same bits as the module's own forward over the same linears."""
+    from tests.train.test_linear import _batch, _fuse, _loss_and_grads, _lora_model, _plain_model
+
+    results = []
+    for fuse_mlp in (False, True):
+        model = _plain_model() if kind == "plain" else _lora_model(bias=kind == "lora_bias")
+        _fuse(model)
+        if fuse_mlp:
+            assert use_fused_swiglu(model) == 2
+            assert _down_fused_calls(model) == 2
+        results.append(_loss_and_grads(model, _batch(), autocast))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def _down_fused_calls(model) -> int:
+    """How many MLP calls of one forward take the fused swiglu + down function."""
+    import sftlab.train.swiglu as S
+
+    calls = []
+    original = S._SwiGLUDown.apply
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    S._SwiGLUDown.apply = spy
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+    finally:
+        S._SwiGLUDown.apply = original
+    return len(calls)
+
+
+def test_mlp_with_fused_down_projection_keeps_two_activations():
+    """gate and up only: the product that feeds the down projection is not kept either."""
+    from tests.train.test_linear import _fuse, _plain_model
+
+    model = _plain_model()
+    _fuse(model)
+    use_fused_swiglu(model)
+    mlp = model.model.layers[0].mlp
+    params = {p.data_ptr() for p in mlp.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.shape[-1] == mlp.intermediate_size and t.data_ptr() not in params:
+            kept[t.data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(torch.randn(4, mlp.hidden_size, requires_grad=True))
+    assert sum(kept.values()) == 2 * 4 * mlp.intermediate_size

@@ -34,3 +34,45 @@ def retain_freed_memory() -> bool:
         return False
     _done = ok
     return ok
+
+
+def _file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (Linux ``/proc/self/maps``; empty elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                # address perms offset dev inode path: a file mapping has an inode and a path
+                if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def own_file_backed_tensors(model) -> int:
+    """Copy into process memory the parameters and buffers still backed by the checkpoint's file mapping;
+    returns how many.
+
+    transformers maps safetensors files and keeps each file's mapping while any tensor loaded from it lives.
+    In a LoRA run most weights are replaced (bf16 copies, see workflow.cpu_training_speedups), but the frozen
+    embedding keeps the whole mapping, and every page the load and the conversion touched stays resident: 405 MiB
+    of RSS for SmolLM2-135M, next to the 113 MiB embedding that is actually still read. Copying the survivors
+    (the same values, bit for bit) lets the mapping go."""
+    import torch
+
+    ranges = _file_mapped_ranges()
+    if not ranges:
+        return 0
+    n = 0
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type != "cpu" or t.numel() == 0:
+                continue
+            ptr = t.data_ptr()
+            if any(lo <= ptr < hi for lo, hi in ranges):
+                t.data = t.data.clone()
+                n += 1
+    return n

@@ -59,27 +59,94 @@ def varlen_attention_forward(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # Grouped-query attention: sdpa maps query heads to shared key/value heads itself (no expanded copies).
-    gqa = key.shape[1] != query.shape[1]
-    out_dtype = value.dtype
-    device_type = query.device.type
-    fast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
     bounds = cu.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if sum(lengths) != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens but the row has {query.shape[2]}")
+    device_type = query.device.type
+    fast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    if dropout or query.device.type != "cpu" or query.shape[1] % key.shape[1]:
+        return _per_example_sdpa(query, key, value, lengths, fast, dropout, scaling), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # Autocast would recast every input to bf16; the function chooses the dtype per example itself.
+    with torch.autocast(device_type, enabled=False):
+        return _VarlenAttention.apply(query, key, value, tuple(lengths), fast, float(scale)), None
+
+
+def _kernel_dtype(n: int, fast: torch.dtype) -> torch.dtype:
+    """fp32 for short examples when the compute dtype is a 16-bit one, else the compute dtype."""
+    return torch.float32 if n < FP32_BELOW and fast.itemsize < 4 else fast
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Causal attention per example of one flattened row, as one autograd node, with torch's CPU flash kernels.
+
+    (1, H, N, D) q / k / v in, (1, N, H, D) out in ``value``'s dtype. What it keeps for backward: the inputs as
+    they are (no per-example casts of them), the per-example log-sum-exps, and the output in ``value``'s dtype,
+    which is the tensor the output projection keeps anyway. sdpa per example instead kept a kernel-dtype copy of
+    v and of the output as well (3 KiB per token per layer on SmolLM2-135M, fp32 kernel), plus six autograd nodes
+    per example. The kernel's backward gets that output cast back to the kernel dtype: in fp32 runs this is the
+    exact output; under bf16 autocast it is the bf16 output, which only enters the per-row ``sum(dO * O)``."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, lengths, fast, scale):
+        n_tok = query.shape[2]
+        out = value.new_empty((1, n_tok, query.shape[1], query.shape[3]))
+        ctx.in_dtypes = tuple(t.dtype for t in (query, key, value))
+        # Under autocast, q and k come from the fp32 rotary embedding; sdpa under autocast would round them to
+        # bf16, so they are rounded (once) and kept at that size, and the fp32 kernel upcasts them exactly.
+        query, key, value = (t.to(fast) if t.dtype.itemsize > fast.itemsize else t for t in (query, key, value))
+        lses = []
+        start = 0
+        for n in lengths:
+            if n:
+                dtype = _kernel_dtype(n, fast)
+                q, k, v = (t[:, :, start : start + n].to(dtype) for t in (query, key, value))
+                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, True, scale=scale)
+                out[:, start : start + n].copy_(o.transpose(1, 2))
+                lses.append(lse)
+            start += n
+        ctx.save_for_backward(query, key, value, out, *lses)
+        ctx.lengths, ctx.fast, ctx.scale = lengths, fast, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, *lses = ctx.saved_tensors
+        grads = [torch.empty(t.shape, dtype=d, device=t.device) for t, d in zip((query, key, value), ctx.in_dtypes)]
+        lse_iter = iter(lses)
+        start = 0
+        for n in ctx.lengths:
+            if n:
+                dtype = _kernel_dtype(n, ctx.fast)
+                end = start + n
+                q, k, v = (t[:, :, start:end].to(dtype) for t in (query, key, value))
+                o = out[:, start:end].transpose(1, 2).to(dtype)
+                g = grad_out[:, start:end].transpose(1, 2).to(dtype)
+                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    g, q, k, v, o, next(lse_iter), 0.0, True, scale=ctx.scale)
+                for full, part in zip(grads, (gq, gk, gv)):
+                    full[:, :, start:end].copy_(part)
+            start += n
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def _per_example_sdpa(query, key, value, lengths, fast, dropout, scaling):
+    """sdpa per example (dropout, or a device without the CPU kernels above): autograd through sdpa itself."""
+    gqa = key.shape[1] != query.shape[1]
+    out_dtype = value.dtype
     # split (not slicing in a loop): its backward is one concatenation, where per-example slices would each
     # scatter into a zero-filled gradient of the whole row.
     pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
     outs = []
-    # Autocast would recast every input to bf16; the dtype is chosen per example below instead.
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(query.device.type, enabled=False):
         for n, (q, k, v) in zip(lengths, pieces):
             if n == 0:
                 continue
-            dtype = torch.float32 if n < FP32_BELOW else fast
+            dtype = _kernel_dtype(n, fast)
             o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p=dropout,
                                                scale=scaling, is_causal=True, enable_gqa=gqa)
             outs.append(o.to(out_dtype))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()

@@ -51,52 +51,70 @@ class _CastCache:
 _cast_cache = _CastCache()
 
 
+def _project(x2, w, bias, a, b, scaling):
+    """``(x2 W^T + b + s (x2 A^T) B^T, s x2 A^T)`` on 2-D ``x2``; every tensor already in the compute dtype."""
+    y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+    t = None
+    if a is not None:
+        t = x2 @ a.t()
+        t.mul_(scaling)  # (N, r): scaling the rank-r factor costs r/out of scaling the output
+        y.addmm_(t, b.t())
+    return y, t
+
+
+def _project_backward(dy, x2, w, t, a, b, scaling, needs, param_dtypes):
+    """Gradients of ``_project`` from 2-D ``dy`` (compute dtype): ``(dx2 in the compute dtype, dW, db, dA, dB)``
+    with the parameter gradients in the parameters' own dtypes; None where ``needs`` says no."""
+    need_x, need_w, need_bias, need_a, need_b = needs
+    w_dtype, bias_dtype, a_dtype, b_dtype = param_dtypes
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    u = None
+    if a is not None and (need_x or need_a):
+        u = dy @ b
+        u.mul_(scaling)  # (N, r): d loss / d (x A^T), scaled
+        if need_a:
+            grad_a = (u.t() @ x2).to(a_dtype)
+    if need_x:
+        grad_x = dy @ w
+        if u is not None:
+            grad_x.addmm_(u, a)
+    if b is not None and need_b:
+        grad_b = (dy.t() @ t).to(b_dtype)
+    if need_w:
+        grad_w = (dy.t() @ x2).to(w_dtype)
+    if need_bias:
+        grad_bias = dy.sum(0).to(bias_dtype)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
+
+
+def _params(weight, bias, lora_a, lora_b, dtype):
+    """The parameters in the compute dtype, and their own dtypes (for their gradients)."""
+    dtypes = tuple(p.dtype if p is not None else None for p in (weight, bias, lora_a, lora_b))
+    cast = tuple(p.to(dtype) if p is not None else None for p in (weight, bias, lora_a, lora_b))
+    return cast, dtypes
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype):
         shape = x.shape
         x2 = _cast_cache.get(x, dtype)
-        w = weight.to(dtype)
-        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-        t = a = b = None
-        if lora_a is not None:
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            t = x2 @ a.t()
-            t.mul_(scaling)  # (N, r): scaling the rank-r factor costs r/out of scaling the output
-            y.addmm_(t, b.t())
+        (w, b0, a, b), ctx.param_dtypes = _params(weight, bias, lora_a, lora_b, dtype)
+        y, t = _project(x2, w, b0, a, b, scaling)
         ctx.save_for_backward(x2, w, t, a, b)
         ctx.scaling = scaling
         ctx.x_dtype = x.dtype
         ctx.x_shape = shape
-        ctx.param_dtypes = (weight.dtype, bias.dtype if bias is not None else None,
-                            lora_a.dtype if lora_a is not None else None,
-                            lora_b.dtype if lora_b is not None else None)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, w, t, a, b = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        w_dtype, bias_dtype, a_dtype, b_dtype = ctx.param_dtypes
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        u = None
-        if a is not None and (need_x or need_a):
-            u = dy @ b
-            u.mul_(ctx.scaling)  # (N, r): d loss / d (x A^T), scaled
-            if need_a:
-                grad_a = (u.t() @ x2).to(a_dtype)
-        if need_x:
-            grad_x = dy @ w
-            if u is not None:
-                grad_x.addmm_(u, a)
+        grad_x, grad_w, grad_bias, grad_a, grad_b = _project_backward(
+            dy, x2, w, t, a, b, ctx.scaling, ctx.needs_input_grad[:5], ctx.param_dtypes)
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        if b is not None and need_b:
-            grad_b = (dy.t() @ t).to(b_dtype)
-        if need_w:
-            grad_w = (dy.t() @ x2).to(w_dtype)
-        if need_bias:
-            grad_bias = dy.sum(0).to(bias_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
@@ -128,6 +146,25 @@ def _plain_adapter(layer) -> str | None:
     if layer.lora_A[name]._forward_hooks or layer.lora_B[name]._forward_hooks:
         return None
     return name
+
+
+def fused_parts(module: torch.nn.Module):
+    """``(weight, bias, lora_a, lora_b, scaling)`` of a layer whose call would take ``linear`` right now (a layer
+    routed by ``use_fused_linears``, in a state it covers), else None: callers that fuse more around the
+    projection fall back to calling the module."""
+    if getattr(module, "_sftlab_original_forward", None) is None or module._forward_hooks \
+            or module._forward_pre_hooks:
+        return None
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias, None, None, 1.0
+    if getattr(module.forward, "__func__", None) is not _lora_forward:
+        return None
+    name = _plain_adapter(module)
+    if name is None:
+        return None
+    base = module.base_layer
+    return (base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+            float(module.scaling[name]))
 
 
 def _lora_forward(self, x, *args, **kwargs):

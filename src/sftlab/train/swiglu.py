@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftlab.train.linear import swap_forward
+from sftlab.train.linear import _params, _project, _project_backward, fused_parts, swap_forward
 
 # Classes whose forward is exactly: down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -49,8 +49,50 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return _SwiGLU.apply(gate, up)
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """``down(silu(gate) * up)`` for a down projection on sftlab's fused linear path (LoRA or not): the product
+    is the projection's input, so it is recomputed in backward as well instead of being kept."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, dtype):
+        h = (F.silu(gate) * up).reshape(-1, gate.shape[-1]).to(dtype)
+        (w, b0, a, b), ctx.param_dtypes = _params(weight, bias, lora_a, lora_b, dtype)
+        y, t = _project(h, w, b0, a, b, scaling)
+        ctx.save_for_backward(gate, up, w, t, a, b)
+        ctx.scaling = scaling
+        return y.view(*gate.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up, w, t, a, b = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[:2]
+        # The same ops, in the same order, as _SwiGLU's forward and backward and _Linear's backward.
+        s = F.silu(gate)
+        h = (s * up).reshape(-1, gate.shape[-1]).to(w.dtype)
+        dy = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
+        needs = (need_gate or need_up,) + ctx.needs_input_grad[2:6]
+        grad_h, grad_w, grad_bias, grad_a, grad_b = _project_backward(
+            dy, h, w, t, a, b, ctx.scaling, needs, ctx.param_dtypes)
+        del h
+        grad_gate = grad_up = None
+        if grad_h is not None:
+            grad_h = grad_h.view(gate.shape).to(gate.dtype)
+            if need_up:
+                grad_up = grad_h * s
+            if need_gate:
+                grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+        return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
 def _forward(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    parts = fused_parts(self.down_proj)
+    if parts is None or gate.dtype != up.dtype or gate.shape != up.shape:
+        return self.down_proj(swiglu(gate, up))
+    device_type = gate.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else gate.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _SwiGLUDown.apply(gate, up, *parts, dtype)
 
 
 def use_fused_swiglu(model: torch.nn.Module) -> int:
