@@ -64,6 +64,28 @@ def test_fused_head_under_autocast_matches_autocast_ce():
     torch.testing.assert_close(head.weight.grad, ref_w, rtol=2e-2, atol=2e-2 * float(ref_w.abs().max()))
 
 
+def test_fused_head_with_log_probs_below_the_denormal_floor():
+    """Logits spread over hundreds of nats (a confident model): probabilities under fp32's smallest normal are
+    floored rather than computed as denormals (slow); loss and gradients still equal plain CE, including a target
+    whose own log-prob is far below the floor."""
+    head, hidden, targets = _head_case(3, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(40.0)
+    logits = head(hidden).float()
+    lp = torch.log_softmax(logits, -1)
+    assert float(lp.min()) < -500 and float(lp[torch.arange(len(targets)), targets].min()) < -87
+    ref = F.cross_entropy(logits, targets, reduction="sum")
+    ref.backward()
+    ref_grads = [hidden.grad.clone(), head.weight.grad.clone()]
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    got = fused_linear_cross_entropy(hidden, head, targets)
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    for a, b in zip([hidden.grad, head.weight.grad], ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-30)
+
+
 def test_fused_head_keeps_confident_target_gradient():
     """p(target) ~ 0.999: the target's gradient p - 1 ~ -1e-3 must survive the bf16 matmul dtype."""
     head = torch.nn.Linear(4, 8, bias=False)

@@ -142,6 +142,8 @@ def _chunk_ce(
 # Rows of logits per log-softmax pass: 32 x 49k vocabulary in fp32 is 6 MiB, which stays in cache between the
 # log-softmax and the exp that turns it into the gradient (one full-size fp32 block cost ~4x as much per row).
 _CE_ROWS = 32
+# Smallest log-probability whose exp is a normal fp32 number (see _FusedLinearCE.forward).
+_LOGP_FLOOR = -87.0
 # The head's rows are padded to a multiple of this (see _FusedLinearCE.forward).
 _HEAD_ROWS = 64
 
@@ -209,7 +211,11 @@ class _FusedLinearCE(torch.autograd.Function):
                 logp_t = logp[rows, tb]
                 loss -= logp_t.sum()
                 if need_h or need_w or need_b:
-                    block.copy_(logp.exp_())
+                    # exp of log-probs below -87 gives fp32 denormals, which exp and the bf16 conversion
+                    # handle ~30x slower than normal numbers (measured: 18 ms instead of 0.6 ms per block once
+                    # a model is confident). Clamped, such a probability becomes exp(-87) = 1.6e-38 instead
+                    # of something smaller: an error under 1e-33 for a whole row of the gradient.
+                    block.copy_(logp.clamp_(min=_LOGP_FLOOR).exp_())
                     block[rows, tb] = (logp_t.exp() - 1.0).to(dtype)
                 del logp
             if not (need_h or need_w or need_b):
