@@ -4,18 +4,21 @@ The collator's ``mask_mode="flatten"`` puts every example of a batch into one ro
 boundaries as ``cu_seq_lens_q``; transformers forwards them to the attention function. Flash attention uses
 them on GPU. With sdpa, transformers instead rebuilds one dense N x N block mask over the whole row and attends
 over all of it: work and memory grow with the square of the *batch's* token count. ``varlen_attention_forward``
-runs causal attention per example instead (work = sum of squared example lengths, no mask at all).
+runs causal attention per example instead (work = sum of squared example lengths, no mask at all), as one
+autograd node per layer (``_VarlenAttention``) over torch's CPU flash kernels, keeping for backward only what the
+kernels need at the size it already has (see the class).
 
 It registers as attention implementation ``"sftlab_varlen"``. Calls without ``cu_seq_lens_q`` (generation with a
 KV cache, padded batches) go to transformers' own sdpa function with sdpa's mask, so the model behaves exactly
 as with ``attn_implementation="sdpa"`` there.
 
-CPU kernel choice, measured on this project's AMX box (torch 2.13, 9 query / 3 key-value heads x 64 dims,
-forward + backward, one example): fp32 / bf16 flash kernel 1.2 / 3.1 ms at 128 tokens, 4.1 / 5.2 at 256,
-8.3 / 6.0 at 384, 11.8 / 9.6 at 512, 39 / 23 at 1024. Examples shorter than ``FP32_BELOW`` run in fp32, longer
-ones in the autocast dtype; the threshold sits above the kernels' own crossover (~320) because the bf16 path also
-casts q, k and v: in a real 8-example LoRA step with examples of 281 and 336 tokens, fp32 for both was 4% faster
-than bf16. Either way the softmax is accumulated in fp32 inside the kernel.
+CPU kernel choice, measured on this project's AMX box (torch 2.13, 9 query / 3 key-value heads x 64 dims, one
+example, ms for fp32 / bf16 kernels): forward 0.2 / 0.1 at 128 tokens, 0.8 / 0.3 at 256, 1.7 / 0.7 at 384,
+3.1 / 1.2 at 512, 5.0 / 2.1 at 768; backward 0.7 / 2.2, 2.1 / 2.9, 4.6 / 5.5, 8.4 / 8.0, 14.8 / 11.4. So the
+forward runs in the autocast dtype at every length, and the backward of examples shorter than ``FP32_BELOW`` in
+fp32 (q, k, v and the output upcast exactly from bf16), longer ones in the autocast dtype. Either way the softmax
+is accumulated in fp32 inside the kernels. Without autocast (fp32 or fp64 models) everything runs in the inputs'
+dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 VARLEN_ATTENTION = "sftlab_varlen"
-FP32_BELOW = 384
+FP32_BELOW = 448
 _registered = False
 
 
@@ -74,7 +77,7 @@ def varlen_attention_forward(
 
 
 def _kernel_dtype(n: int, fast: torch.dtype) -> torch.dtype:
-    """fp32 for short examples when the compute dtype is a 16-bit one, else the compute dtype."""
+    """The backward kernel's dtype: fp32 for short examples when the compute dtype is a 16-bit one."""
     return torch.float32 if n < FP32_BELOW and fast.itemsize < 4 else fast
 
 
@@ -86,7 +89,9 @@ class _VarlenAttention(torch.autograd.Function):
     which is the tensor the output projection keeps anyway. sdpa per example instead kept a kernel-dtype copy of
     v and of the output as well (3 KiB per token per layer on SmolLM2-135M, fp32 kernel), plus six autograd nodes
     per example. The kernel's backward gets that output cast back to the kernel dtype: in fp32 runs this is the
-    exact output; under bf16 autocast it is the bf16 output, which only enters the per-row ``sum(dO * O)``."""
+    exact output; under bf16 autocast it is the bf16 output, which only enters the per-row ``sum(dO * O)``.
+    An fp32 backward after a bf16 forward is consistent: both kernels form q k^T from the same bf16 values with
+    fp32 accumulation, so the saved log-sum-exp matches the scores the backward recomputes."""
 
     @staticmethod
     def forward(ctx, query, key, value, lengths, fast, scale):
@@ -100,8 +105,9 @@ class _VarlenAttention(torch.autograd.Function):
         start = 0
         for n in lengths:
             if n:
-                dtype = _kernel_dtype(n, fast)
-                q, k, v = (t[:, :, start : start + n].to(dtype) for t in (query, key, value))
+                # Forward always in the compute dtype: the bf16 kernel's forward is 2-3x the fp32 one's at
+                # every length measured (64-768 tokens); only backward switches kernels by length.
+                q, k, v = (t[:, :, start : start + n].to(fast) for t in (query, key, value))
                 o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, True, scale=scale)
                 out[:, start : start + n].copy_(o.transpose(1, 2))
