@@ -203,7 +203,7 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
     * Linear and LoRA layers run as one autograd function each (sftlab.train.linear): the same arithmetic as
       autocast / peft's forward, with one bf16 copy of each layer input instead of one per projection, and
       without peft's activation casts and full-width scaling. Llama-style RMSNorms (sftlab.train.norm) and
-      rotary embeddings (sftlab.train.rotary) likewise; gated MLPs keep two of their three activations
+      rotary embeddings (sftlab.train.rotary) likewise; gated MLPs keep two of their four activations
       (sftlab.train.swiglu).
     * Under bf16 autocast, LoRA's frozen linear weights are stored in bf16:
       autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
@@ -238,7 +238,7 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
         done.append(f"{n_norms} RMSNorm layers as fused autograd functions")
     n_mlps = use_fused_swiglu(model)
     if n_mlps:
-        done.append(f"{n_mlps} gated MLPs keep gate and up only for backward (silu recomputed)")
+        done.append(f"{n_mlps} gated MLPs keep gate and up only for backward (silu and product recomputed)")
     for name in use_fused_rotary(model):
         done.append(f"rotary embedding of {name} as a fused autograd function")
     # LoRA only: freeze saves the whole model, and its frozen layers must be written back exactly as loaded.

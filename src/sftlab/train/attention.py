@@ -84,9 +84,9 @@ def _kernel_dtype(n: int, fast: torch.dtype) -> torch.dtype:
 class _VarlenAttention(torch.autograd.Function):
     """Causal attention per example of one flattened row, as one autograd node, with torch's CPU flash kernels.
 
-    (1, H, N, D) q / k / v in, (1, N, H, D) out in ``value``'s dtype. What it keeps for backward: the inputs as
-    they are (no per-example casts of them), the per-example log-sum-exps, and the output in ``value``'s dtype,
-    which is the tensor the output projection keeps anyway. sdpa per example instead kept a kernel-dtype copy of
+    (1, H, N, D) q / k / v in, (1, N, H, D) out in ``value``'s dtype. What it keeps for backward: q, k and v once,
+    at most as wide as the compute dtype (no per-example kernel-dtype copies), the per-example log-sum-exps, and
+    the output in ``value``'s dtype, which is the tensor the output projection keeps anyway. sdpa per example instead kept a kernel-dtype copy of
     v and of the output as well (3 KiB per token per layer on SmolLM2-135M, fp32 kernel), plus six autograd nodes
     per example. The kernel's backward gets that output cast back to the kernel dtype: in fp32 runs this is the
     exact output; under bf16 autocast it is the bf16 output, which only enters the per-row ``sum(dO * O)``.

@@ -144,6 +144,9 @@ def _chunk_ce(
 _CE_ROWS = 32
 # Smallest log-probability whose exp is a normal fp32 number (see _FusedLinearCE.forward).
 _LOGP_FLOOR = -87.0
+# Rows per product of the hidden-state gradient, (rows x vocab) @ (vocab x hidden): oneDNN (torch 2.13, AMX)
+# runs it at ~1.1 TFLOP/s up to 320 rows and ~0.7 from 384 rows on (measured, 49k x 576 head).
+_GRAD_H_ROWS = 256
 # The head's rows are padded to a multiple of this (see _FusedLinearCE.forward).
 _HEAD_ROWS = 64
 
@@ -222,7 +225,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 continue
             g = logits
             if need_h:
-                grad_h[start : start + chunk_size] = g @ w
+                for r0 in range(0, g.shape[0], _GRAD_H_ROWS):
+                    grad_h[start + r0 : start + r0 + _GRAD_H_ROWS] = g[r0 : r0 + _GRAD_H_ROWS] @ w
             # Usually one chunk: its product is the gradient (no zero-filled vocab x hidden buffer to add into).
             if need_w:
                 gw = (g.t() @ h).float()
