@@ -45,6 +45,24 @@ def test_fused_head_matches_plain_ce_in_fp32(bias, chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [300, 1024])
+def test_fused_head_with_more_rows_than_one_gradient_product(chunk):
+    """600 trained positions: the hidden-state gradient is made in several row products, across chunks too."""
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(16, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=g))
+    hidden = torch.randn(600, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (600,), generator=g)
+    F.cross_entropy(head(hidden), targets, reduction="sum").backward()
+    ref_h, ref_w = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    fused_linear_cross_entropy(hidden, head, targets, chunk_size=chunk).backward()
+    torch.testing.assert_close(hidden.grad, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, ref_w, rtol=1e-5, atol=1e-4)
+
+
 def test_fused_head_under_autocast_matches_autocast_ce():
     """bf16 autocast: same loss and gradients as autocast's own linear + fp32 CE, to bf16 rounding."""
     head, hidden, targets = _head_case(1, bias=False)

@@ -226,7 +226,8 @@ class _FusedLinearCE(torch.autograd.Function):
             g = logits
             if need_h:
                 for r0 in range(0, g.shape[0], _GRAD_H_ROWS):
-                    grad_h[start + r0 : start + r0 + _GRAD_H_ROWS] = g[r0 : r0 + _GRAD_H_ROWS] @ w
+                    r1 = min(r0 + _GRAD_H_ROWS, g.shape[0])
+                    grad_h[start + r0 : start + r1] = g[r0:r1] @ w
             # Usually one chunk: its product is the gradient (no zero-filled vocab x hidden buffer to add into).
             if need_w:
                 gw = (g.t() @ h).float()
