@@ -42,6 +42,21 @@ def test_fused_mlp_is_bit_identical_to_llama_mlp(autocast):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _kept_intermediates(mlp) -> int:
+    """Elements of (tokens x intermediate) tensors autograd holds for backward after one 4-token forward."""
+    params = {p.data_ptr() for p in mlp.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.shape[-1] == mlp.intermediate_size and t.data_ptr() not in params:
+            kept[t.data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(torch.randn(4, mlp.hidden_size, requires_grad=True))
+    return sum(kept.values())
+
+
 def test_fused_mlp_keeps_two_activations_not_three():
     """What autograd holds for backward after a forward: gate and up, not silu(gate) as well."""
     sizes = []
@@ -49,17 +64,7 @@ def test_fused_mlp_keeps_two_activations_not_three():
         mlp = _mlp()
         if fuse:
             use_fused_swiglu(mlp)
-        params = {p.data_ptr() for p in mlp.parameters()}
-        kept = {}
-
-        def pack(t):
-            if t.shape[-1] == mlp.intermediate_size and t.data_ptr() not in params:
-                kept[t.data_ptr()] = t.numel()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            mlp(torch.randn(4, mlp.hidden_size, requires_grad=True))
-        sizes.append(sum(kept.values()))
+        sizes.append(_kept_intermediates(mlp))
     assert sizes == [4 * 4 * mlp.intermediate_size, 3 * 4 * mlp.intermediate_size]  # g, silu(g), u, h -> g, u, h
 
 
@@ -70,20 +75,23 @@ def test_other_activations_keep_their_forward():
     assert swiglu(torch.randn(3, 4), torch.randn(4)).shape == (3, 4)  # broadcasting: plain ops
 
 
-@pytest.mark.parametrize("kind", ["lora", "plain", "lora_bias"])
+@pytest.mark.parametrize("kind", ["lora", "plain", "lora_bias", "frozen_mlp"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_mlp_with_fused_down_projection_is_bit_identical(kind, autocast):
+def test_mlp_with_fused_down_projection_is_bit_identical(kind, autocast, monkeypatch):
     """With the projections on sftlab's fused linear path, the MLP runs silu * up and the down projection as one
     function (product recomputed in backward): the same bits as the module's own forward over the same linears."""
     from tests.train.test_linear import _batch, _fuse, _loss_and_grads, _lora_model, _plain_model
 
     results = []
     for fuse_mlp in (False, True):
-        model = _plain_model() if kind == "plain" else _lora_model(bias=kind == "lora_bias")
+        model = _plain_model() if kind in ("plain", "frozen_mlp") else _lora_model(bias=kind == "lora_bias")
+        if kind == "frozen_mlp":  # gradients reach the MLPs' inputs, none of their weights
+            for layer in model.model.layers:
+                layer.mlp.requires_grad_(False)
         _fuse(model)
         if fuse_mlp:
             assert use_fused_swiglu(model) == 2
-            assert _down_fused_calls(model) == 2
+            assert _down_fused_calls(model, monkeypatch) == 2
         results.append(_loss_and_grads(model, _batch(), autocast))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
@@ -92,23 +100,16 @@ def test_mlp_with_fused_down_projection_is_bit_identical(kind, autocast):
         assert torch.equal(grads_a[name], grads_b[name]), name
 
 
-def _down_fused_calls(model) -> int:
+def _down_fused_calls(model, monkeypatch) -> int:
     """How many MLP calls of one forward take the fused swiglu + down function."""
     import sftlab.train.swiglu as S
 
     calls = []
     original = S._SwiGLUDown.apply
-
-    def spy(*args):
-        calls.append(1)
-        return original(*args)
-
-    S._SwiGLUDown.apply = spy
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([[5, 6, 7]]))
-    finally:
-        S._SwiGLUDown.apply = original
+    monkeypatch.setattr(S._SwiGLUDown, "apply", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    monkeypatch.undo()
     return len(calls)
 
 
@@ -120,14 +121,4 @@ def test_mlp_with_fused_down_projection_keeps_two_activations():
     _fuse(model)
     use_fused_swiglu(model)
     mlp = model.model.layers[0].mlp
-    params = {p.data_ptr() for p in mlp.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.shape[-1] == mlp.intermediate_size and t.data_ptr() not in params:
-            kept[t.data_ptr()] = t.numel()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(torch.randn(4, mlp.hidden_size, requires_grad=True))
-    assert sum(kept.values()) == 2 * 4 * mlp.intermediate_size
+    assert _kept_intermediates(mlp) == 2 * 4 * mlp.intermediate_size

@@ -68,7 +68,7 @@ def varlen_attention_forward(
         raise ValueError(f"cu_seq_lens_q covers {sum(lengths)} tokens but the row has {query.shape[2]}")
     device_type = query.device.type
     fast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
-    if dropout or query.device.type != "cpu" or query.shape[1] % key.shape[1]:
+    if dropout or device_type != "cpu" or query.shape[1] % key.shape[1]:
         return _per_example_sdpa(query, key, value, lengths, fast, dropout, scaling), None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # Autocast would recast every input to bf16; the function chooses the dtype per example itself.
@@ -86,10 +86,11 @@ class _VarlenAttention(torch.autograd.Function):
 
     (1, H, N, D) q / k / v in, (1, N, H, D) out in ``value``'s dtype. What it keeps for backward: q, k and v once,
     at most as wide as the compute dtype (no per-example kernel-dtype copies), the per-example log-sum-exps, and
-    the output in ``value``'s dtype, which is the tensor the output projection keeps anyway. sdpa per example instead kept a kernel-dtype copy of
-    v and of the output as well (3 KiB per token per layer on SmolLM2-135M, fp32 kernel), plus six autograd nodes
-    per example. The kernel's backward gets that output cast back to the kernel dtype: in fp32 runs this is the
-    exact output; under bf16 autocast it is the bf16 output, which only enters the per-row ``sum(dO * O)``.
+    the output in ``value``'s dtype, which is the tensor the output projection keeps anyway. sdpa per example
+    instead kept a kernel-dtype copy of v and of the output as well (3 KiB per token per layer on SmolLM2-135M,
+    fp32 kernel), plus six autograd nodes per example. The kernel's backward gets that output cast back to the
+    kernel dtype: in fp32 runs this is the exact output; under bf16 autocast it is the bf16 output, which only
+    enters the per-row ``sum(dO * O)``.
     An fp32 backward after a bf16 forward is consistent: both kernels form q k^T from the same bf16 values with
     fp32 accumulation, so the saved log-sum-exp matches the scores the backward recomputes."""
 

@@ -51,7 +51,7 @@ class _CastCache:
 _cast_cache = _CastCache()
 
 
-def _project(x2, w, bias, a, b, scaling):
+def project(x2, w, bias, a, b, scaling):
     """``(x2 W^T + b + s (x2 A^T) B^T, s x2 A^T)`` on 2-D ``x2``; every tensor already in the compute dtype."""
     y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
     t = None
@@ -62,8 +62,8 @@ def _project(x2, w, bias, a, b, scaling):
     return y, t
 
 
-def _project_backward(dy, x2, w, t, a, b, scaling, needs, param_dtypes):
-    """Gradients of ``_project`` from 2-D ``dy`` (compute dtype): ``(dx2 in the compute dtype, dW, db, dA, dB)``
+def project_backward(dy, x2, w, t, a, b, scaling, needs, param_dtypes):
+    """Gradients of ``project`` from 2-D ``dy`` (compute dtype): ``(dx2 in the compute dtype, dW, db, dA, dB)``
     with the parameter gradients in the parameters' own dtypes; None where ``needs`` says no."""
     need_x, need_w, need_bias, need_a, need_b = needs
     w_dtype, bias_dtype, a_dtype, b_dtype = param_dtypes
@@ -87,7 +87,7 @@ def _project_backward(dy, x2, w, t, a, b, scaling, needs, param_dtypes):
     return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
-def _params(weight, bias, lora_a, lora_b, dtype):
+def cast_params(weight, bias, lora_a, lora_b, dtype):
     """The parameters in the compute dtype, and their own dtypes (for their gradients)."""
     dtypes = tuple(p.dtype if p is not None else None for p in (weight, bias, lora_a, lora_b))
     cast = tuple(p.to(dtype) if p is not None else None for p in (weight, bias, lora_a, lora_b))
@@ -99,8 +99,8 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype):
         shape = x.shape
         x2 = _cast_cache.get(x, dtype)
-        (w, b0, a, b), ctx.param_dtypes = _params(weight, bias, lora_a, lora_b, dtype)
-        y, t = _project(x2, w, b0, a, b, scaling)
+        (w, b0, a, b), ctx.param_dtypes = cast_params(weight, bias, lora_a, lora_b, dtype)
+        y, t = project(x2, w, b0, a, b, scaling)
         ctx.save_for_backward(x2, w, t, a, b)
         ctx.scaling = scaling
         ctx.x_dtype = x.dtype
@@ -111,7 +111,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, w, t, a, b = ctx.saved_tensors
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
-        grad_x, grad_w, grad_bias, grad_a, grad_b = _project_backward(
+        grad_x, grad_w, grad_bias, grad_a, grad_b = project_backward(
             dy, x2, w, t, a, b, ctx.scaling, ctx.needs_input_grad[:5], ctx.param_dtypes)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftlab.train.linear import _params, _project, _project_backward, fused_parts, swap_forward
+from sftlab.train.linear import cast_params, fused_parts, project, project_backward, swap_forward
 
 # Classes whose forward is exactly: down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -61,8 +61,8 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, dtype):
         h = (F.silu(gate) * up).reshape(-1, gate.shape[-1]).to(dtype)
-        (w, b0, a, b), ctx.param_dtypes = _params(weight, bias, lora_a, lora_b, dtype)
-        y, t = _project(h, w, b0, a, b, scaling)
+        (w, b0, a, b), ctx.param_dtypes = cast_params(weight, bias, lora_a, lora_b, dtype)
+        y, t = project(h, w, b0, a, b, scaling)
         ctx.save_for_backward(gate, up, w, t, a, b)
         ctx.scaling = scaling
         return y.view(*gate.shape[:-1], y.shape[-1])
@@ -73,10 +73,13 @@ class _SwiGLUDown(torch.autograd.Function):
         need_gate, need_up = ctx.needs_input_grad[:2]
         # The same ops, in the same order, as _SwiGLU's forward and backward and _Linear's backward.
         s = F.silu(gate)
-        h = (s * up).reshape(-1, gate.shape[-1]).to(w.dtype)
+        # The product is the projection's input: only its weight gradients (W, LoRA's A) read it.
+        h = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            h = (s * up).reshape(-1, gate.shape[-1]).to(w.dtype)
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
         needs = (need_gate or need_up,) + ctx.needs_input_grad[2:6]
-        grad_h, grad_w, grad_bias, grad_a, grad_b = _project_backward(
+        grad_h, grad_w, grad_bias, grad_a, grad_b = project_backward(
             dy, h, w, t, a, b, ctx.scaling, needs, ctx.param_dtypes)
         del h
         grad_gate = grad_up = None
