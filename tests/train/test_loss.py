@@ -239,3 +239,40 @@ def test_flash_attention_refuses_layouts_it_would_get_wrong():
         compute_sft_loss(model, SFTCollator(0)(packs))
     with pytest.raises(ConfigError, match="4-D"):
         compute_sft_loss(model, SFTCollator(0, mask_mode="4d")(packs))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "eval"])
+def test_head_runs_in_the_precision_of_the_forward(grad):
+    """The Trainer (through accelerate) puts bf16 autocast around the model's forward only; the head, which runs
+    after it, must still run under it, exactly as with the whole loss computed under autocast (not in fp32)."""
+    model, batch = _model(), _batch()
+
+    def loss_and_grads(fn):
+        with torch.set_grad_enabled(grad):
+            parts = fn()
+        if grad:
+            parts.loss_sum.backward()
+            return parts.loss_sum.detach(), _grads(model)
+        return parts.loss_sum, parts.n_correct
+
+    def everything_under_autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return compute_sft_loss(model, batch, return_correct=not grad)
+
+    ref = loss_and_grads(everything_under_autocast)
+    fp32_head = loss_and_grads(lambda: compute_sft_loss(model, batch, return_correct=not grad))
+
+    original = model.forward
+
+    def forward_under_autocast(*args, **kwargs):  # what accelerate does to a prepared model with bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return original(*args, **kwargs)
+
+    model.forward = forward_under_autocast
+    got = loss_and_grads(lambda: compute_sft_loss(model, batch, return_correct=not grad))
+    assert torch.equal(got[0], ref[0]) and not torch.equal(got[0], fp32_head[0])
+    if grad:
+        assert got[1].keys() == ref[1].keys()
+        assert all(torch.equal(got[1][k], ref[1][k]) for k in ref[1])
+    else:
+        assert torch.equal(got[1], ref[1])
