@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 VARLEN_ATTENTION = "sftlab_varlen"
 FP32_BELOW = 448
+# Examples share one kernel call when at least GROUP_RATIO x the longest of their group, GROUP_MAX at most (_groups).
 GROUP_RATIO = 0.8
 GROUP_MAX = 4
 _registered = False
@@ -143,7 +144,8 @@ class _VarlenAttention(torch.autograd.Function):
         # bf16, so they are rounded (once) and kept at that size, and the fp32 kernel upcasts them exactly.
         query, key, value = (t.to(fast) if t.dtype.itemsize > fast.itemsize else t for t in (query, key, value))
         lses = []
-        for group in _groups(lengths):
+        groups = _groups(lengths)
+        for group in groups:
             n = group[0][1]
             # Forward always in the compute dtype: the bf16 kernel's forward is 2-3x the fp32 one's at every
             # length measured (64-768 tokens); only backward switches kernels by length.
@@ -153,14 +155,14 @@ class _VarlenAttention(torch.autograd.Function):
                 out[0, start : start + m].copy_(o[i, :, :m].transpose(0, 1))
             lses.append(lse)
         ctx.save_for_backward(query, key, value, out, *lses)
-        ctx.lengths, ctx.fast, ctx.scale = lengths, fast, scale
+        ctx.groups, ctx.fast, ctx.scale = groups, fast, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, *lses = ctx.saved_tensors
         grads = [torch.empty(t.shape, dtype=d, device=t.device) for t, d in zip((query, key, value), ctx.in_dtypes)]
-        for group, lse in zip(_groups(ctx.lengths), lses):
+        for group, lse in zip(ctx.groups, lses):
             n = group[0][1]
             dtype = _kernel_dtype(n, ctx.fast)
             q, k, v, o, g = (_gather(t, group, n, dtype) for t in (query, key, value, out.transpose(1, 2),

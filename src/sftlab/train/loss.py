@@ -347,9 +347,8 @@ def compute_sft_loss(
     def grab(_module, _args, output):
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         captured.append(hidden)
-        device_type = hidden.device.type
-        forward_autocast.append(torch.get_autocast_dtype(device_type)
-                                if torch.is_autocast_enabled(device_type) else None)
+        kind = hidden.device.type
+        forward_autocast.append(torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None)
 
     # Run the outermost model (keeps DDP sync and peft hooks); its own LM head is skipped (see _NoHead), or
     # where it cannot be swapped out, made cheap with logits_to_keep=1.
