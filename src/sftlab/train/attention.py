@@ -23,8 +23,12 @@ dtype.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+
+from sftlab.train import native
 
 VARLEN_ATTENTION = "sftlab_varlen"
 FP32_BELOW = 448
@@ -143,6 +147,9 @@ class _VarlenAttention(torch.autograd.Function):
         # Under autocast, q and k come from the fp32 rotary embedding; sdpa under autocast would round them to
         # bf16, so they are rounded (once) and kept at that size, and the fp32 kernel upcasts them exactly.
         query, key, value = (t.to(fast) if t.dtype.itemsize > fast.itemsize else t for t in (query, key, value))
+        lib = _native_backward(query, key, value, out, ctx.in_dtypes)
+        # The native backward reads one (heads, N) row of log-sum-exps; torch's backward takes each group's own.
+        lse_row = query.new_empty((query.shape[1], n_tok), dtype=torch.float32) if lib is not None else None
         lses = []
         groups = _groups(lengths)
         for group in groups:
@@ -153,15 +160,27 @@ class _VarlenAttention(torch.autograd.Function):
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
             for i, (start, m) in enumerate(group):
                 out[0, start : start + m].copy_(o[i, :, :m].transpose(0, 1))
-            lses.append(lse)
+                if lse_row is not None:
+                    lse_row[:, start : start + m].copy_(lse[i, :, :m])
+            if lse_row is None:
+                lses.append(lse)
+        if lse_row is not None:
+            lses = [lse_row]
+            ctx.cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
         ctx.save_for_backward(query, key, value, out, *lses)
-        ctx.groups, ctx.fast, ctx.scale = groups, fast, scale
+        ctx.groups, ctx.fast, ctx.scale, ctx.native = groups, fast, scale, lib
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, *lses = ctx.saved_tensors
         grads = [torch.empty(t.shape, dtype=d, device=t.device) for t, d in zip((query, key, value), ctx.in_dtypes)]
+        if ctx.native is not None:
+            if grad_out.dtype not in _NATIVE_DTYPES or grad_out.stride(-1) != 1:
+                grad_out = grad_out.float().contiguous()
+            native.attention_backward(ctx.native, ctx.cu, ctx.scale, query, key, value, out, grad_out, *grads,
+                                      lses[0])
+            return grads[0], grads[1], grads[2], None, None, None
         for group, lse in zip(ctx.groups, lses):
             n = group[0][1]
             dtype = _kernel_dtype(n, ctx.fast)
@@ -173,6 +192,20 @@ class _VarlenAttention(torch.autograd.Function):
                 for i, (start, m) in enumerate(group):
                     full[0, :, start : start + m].copy_(part[i, :, :m])
         return grads[0], grads[1], grads[2], None, None, None
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _native_backward(query, key, value, out, in_dtypes):
+    """sftlab's native backward kernel (``sftlab.train.native``) where it applies to these tensors, else None:
+    bf16 / fp32 tensors with a contiguous last dimension, gradients wanted in bf16 / fp32, on the CPU."""
+    tensors = (query, key, value, out)
+    if not all(t.dtype in _NATIVE_DTYPES and t.stride(-1) == 1 and t.device.type == "cpu" for t in tensors):
+        return None
+    if not all(d in _NATIVE_DTYPES for d in in_dtypes):
+        return None
+    return native.attention_backward_kernel(query.shape[-1])
 
 
 def _per_example_sdpa(query, key, value, lengths, fast, dropout, scaling):

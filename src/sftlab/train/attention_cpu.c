@@ -1,0 +1,313 @@
+/* Causal attention backward for variable-length examples on x86 CPUs with AVX-512 (sftlab).
+ *
+ * Built and loaded by sftlab/train/native.py (gcc -O3 -march=native -fopenmp, one library per head dimension:
+ * -DHEAD_DIM=N); used by sftlab/train/attention.py. Why it exists: torch's CPU flash-attention backward runs
+ * at ~60-90 GFLOP/s on SFT-length examples (tens to hundreds of tokens), where per-block gemm calls and
+ * threads left idle dominate; this kernel works on one whole (example, query head) at a time with register-
+ * blocked AVX-512 loops and reaches 2-3.5x its speed at those lengths (measured in benchmarks/README.md).
+ *
+ * Math (FlashAttention-2's backward, all in fp32): for query rows i and keys j <= i of one example and head,
+ *   P = exp(scale * Q K^T - lse),  dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+ *   dQ = scale * dS K,  dK += scale * dS^T Q.
+ * lse is the forward's log-sum-exp of the scaled scores, so P is recomputed exactly as the forward had it.
+ *
+ * Layout: every tensor is given as (data, head stride, token stride) in elements with contiguous head_dim,
+ * bf16 or fp32; the example boundaries as cumulative lengths over one flattened row of tokens. Grouped-query
+ * attention: query head h reads key/value head h / (H / G). Work items are (example, query head), longest first
+ * under OpenMP's dynamic schedule; with G < H each item's dK/dV go to a per-query-head fp32 scratch that a last
+ * pass sums per key/value head in a fixed order, so results do not depend on the thread count or timing.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef HEAD_DIM
+#error "compile with -DHEAD_DIM=<multiple of 16, at most 256>"
+#endif
+#if HEAD_DIM % 16 != 0 || HEAD_DIM > 256 || HEAD_DIM < 16
+#error "HEAD_DIM must be a multiple of 16 between 16 and 256"
+#endif
+
+#define D HEAD_DIM
+#define DV (D / 16)                /* 16-float vectors per row */
+#define RB (DV >= 16 ? 1 : 16 / DV) /* rows per register block: RB * DV accumulators <= 16 */
+#define BQ 16                      /* query rows per block */
+
+typedef struct {
+    void *data;
+    int64_t s_head, s_tok;
+    int32_t bf16, unused;
+} view_t;
+
+static inline __m512 load16(const void *row, int bf16, int j) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + 16 * j));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)row + 16 * j);
+}
+
+static inline void store16(void *row, int bf16, int j, __m512 x) {
+    if (bf16) { /* round to nearest even, as torch's fp32 -> bf16 conversion (no NaNs arise here) */
+        __m512i u = _mm512_castps_si512(x);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    } else {
+        _mm512_storeu_ps((float *)row + 16 * j, x);
+    }
+}
+
+static inline const void *at(const view_t *v, int64_t h, int64_t t) {
+    return (const char *)v->data + (v->s_head * h + v->s_tok * t) * (v->bf16 ? 2 : 4);
+}
+
+/* exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-7 Taylor (relative error < 1e-8
+ * before rounding), scaled by 2^n. Inputs below -100 give ~0 (exp(-100) = 3.7e-44). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* C[r][c] = sum_d A[r][d] * BT[d][c] for r < nr, c < ncp (a multiple of 16). A: rows of D; BT: D rows of ldb. */
+static void mm_a_bt(const float *A, int nr, const float *BT, int ldb, int ncp, float *C, int ldc) {
+    int r = 0;
+    for (; r + 4 <= nr; r += 4) {
+        for (int c = 0; c < ncp; c += 64) {
+            int nv = ncp - c >= 64 ? 4 : (ncp - c) / 16;
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+            if (nv == 4) {
+                for (int d = 0; d < D; d++) {
+                    const float *b = BT + (int64_t)d * ldb + c;
+                    __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
+                           b3 = _mm512_loadu_ps(b + 48);
+                    for (int i = 0; i < 4; i++) {
+                        __m512 a = _mm512_set1_ps(A[(r + i) * D + d]);
+                        acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+                        acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+                        acc[i][2] = _mm512_fmadd_ps(a, b2, acc[i][2]);
+                        acc[i][3] = _mm512_fmadd_ps(a, b3, acc[i][3]);
+                    }
+                }
+            } else {
+                for (int d = 0; d < D; d++) {
+                    const float *b = BT + (int64_t)d * ldb + c;
+                    for (int i = 0; i < 4; i++) {
+                        __m512 a = _mm512_set1_ps(A[(r + i) * D + d]);
+                        for (int j = 0; j < nv; j++) acc[i][j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(b + 16 * j), acc[i][j]);
+                    }
+                }
+            }
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < nv; j++) _mm512_storeu_ps(C + (int64_t)(r + i) * ldc + c + 16 * j, acc[i][j]);
+        }
+    }
+    for (; r < nr; r++) {
+        for (int c = 0; c < ncp; c += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int d = 0; d < D; d++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(A[r * D + d]), _mm512_loadu_ps(BT + (int64_t)d * ldb + c), acc);
+            _mm512_storeu_ps(C + (int64_t)r * ldc + c, acc);
+        }
+    }
+}
+
+/* OUT[c][:] += alpha * sum_{r < nr} W[r][c] * X[r][:] for c < nc. W: rows of ldw; X, OUT: rows of D. */
+static void mm_wt_x_acc(const float *W, int ldw, int nr, int nc, const float *X, float *OUT, float alpha) {
+    __m512 al = _mm512_set1_ps(alpha);
+    for (int c = 0; c < nc; c += RB) {
+        int m = nc - c < RB ? nc - c : RB;
+        __m512 acc[RB][DV];
+        for (int i = 0; i < RB; i++)
+            for (int j = 0; j < DV; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int r = 0; r < nr; r++) {
+            __m512 x[DV];
+            for (int j = 0; j < DV; j++) x[j] = _mm512_loadu_ps(X + r * D + 16 * j);
+            for (int i = 0; i < m; i++) {
+                __m512 w = _mm512_set1_ps(W[(int64_t)r * ldw + c + i]);
+                for (int j = 0; j < DV; j++) acc[i][j] = _mm512_fmadd_ps(w, x[j], acc[i][j]);
+            }
+        }
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < DV; j++) {
+                float *o = OUT + (int64_t)(c + i) * D + 16 * j;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(al, acc[i][j], _mm512_loadu_ps(o)));
+            }
+    }
+}
+
+/* OUT[r][:] = alpha * sum_{c < nc} W[r][c] * Y[c][:] for r < nr. W: rows of ldw; Y, OUT: rows of D. */
+static void mm_w_y(const float *W, int ldw, int nr, int nc, const float *Y, float *OUT, float alpha) {
+    __m512 al = _mm512_set1_ps(alpha);
+    for (int r = 0; r < nr; r += RB) {
+        int m = nr - r < RB ? nr - r : RB;
+        __m512 acc[RB][DV];
+        for (int i = 0; i < RB; i++)
+            for (int j = 0; j < DV; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            __m512 y[DV];
+            for (int j = 0; j < DV; j++) y[j] = _mm512_loadu_ps(Y + (int64_t)c * D + 16 * j);
+            for (int i = 0; i < m; i++) {
+                __m512 w = _mm512_set1_ps(W[(int64_t)(r + i) * ldw + c]);
+                for (int j = 0; j < DV; j++) acc[i][j] = _mm512_fmadd_ps(w, y[j], acc[i][j]);
+            }
+        }
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < DV; j++) _mm512_storeu_ps(OUT + (int64_t)(r + i) * D + 16 * j, _mm512_mul_ps(al, acc[i][j]));
+    }
+}
+
+static void *aligned(size_t bytes) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 64) ? NULL : p;
+}
+
+/* One (example, query head): dQ into its output rows, dK / dV added into dk_acc / dv_acc (L rows of D, fp32). */
+static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *q, const view_t *k, const view_t *v,
+                    const view_t *o, const view_t *dout, const float *lse, int64_t lse_sh, const view_t *dq,
+                    float *dk_acc, float *dv_acc) {
+    int Lp = (L + 15) & ~15;
+    float *K = aligned(sizeof(float) * (size_t)L * D), *KT = aligned(sizeof(float) * (size_t)D * Lp),
+          *VT = aligned(sizeof(float) * (size_t)D * Lp), *Q = aligned(sizeof(float) * BQ * D),
+          *dO = aligned(sizeof(float) * BQ * D), *dQ = aligned(sizeof(float) * BQ * D),
+          *P = aligned(sizeof(float) * (size_t)BQ * Lp), *dP = aligned(sizeof(float) * (size_t)BQ * Lp);
+    int ok = K && KT && VT && Q && dO && dQ && P && dP;
+    if (ok) {
+        float tmp[16];
+        memset(KT, 0, sizeof(float) * (size_t)D * Lp);
+        memset(VT, 0, sizeof(float) * (size_t)D * Lp);
+        for (int t = 0; t < L; t++) {
+            const void *kr = at(k, g, t0 + t), *vr = at(v, g, t0 + t);
+            for (int j = 0; j < DV; j++) {
+                __m512 kv = load16(kr, k->bf16, j);
+                _mm512_storeu_ps(K + (int64_t)t * D + 16 * j, kv);
+                _mm512_storeu_ps(tmp, kv);
+                for (int e = 0; e < 16; e++) KT[(int64_t)(16 * j + e) * Lp + t] = tmp[e];
+                _mm512_storeu_ps(tmp, load16(vr, v->bf16, j));
+                for (int e = 0; e < 16; e++) VT[(int64_t)(16 * j + e) * Lp + t] = tmp[e];
+            }
+        }
+        __m512 sc = _mm512_set1_ps(scale);
+        for (int i0 = 0; i0 < L; i0 += BQ) {
+            int nr = L - i0 < BQ ? L - i0 : BQ;
+            int kend = i0 + nr, kendp = (kend + 15) & ~15; /* keys a row of this block can see */
+            float rowdot[BQ], rowlse[BQ];
+            for (int r = 0; r < nr; r++) {
+                int64_t t = t0 + i0 + r;
+                const void *qr = at(q, h, t), *gr = at(dout, h, t), *orow = at(o, h, t);
+                __m512 dd = _mm512_setzero_ps();
+                for (int j = 0; j < DV; j++) {
+                    __m512 gv = load16(gr, dout->bf16, j);
+                    _mm512_storeu_ps(Q + r * D + 16 * j, load16(qr, q->bf16, j));
+                    _mm512_storeu_ps(dO + r * D + 16 * j, gv);
+                    dd = _mm512_fmadd_ps(gv, load16(orow, o->bf16, j), dd);
+                }
+                rowdot[r] = _mm512_reduce_add_ps(dd);
+                rowlse[r] = lse[h * lse_sh + t];
+            }
+            mm_a_bt(Q, nr, KT, Lp, kendp, P, Lp);
+            mm_a_bt(dO, nr, VT, Lp, kendp, dP, Lp);
+            for (int r = 0; r < nr; r++) {
+                __m512 lr = _mm512_set1_ps(rowlse[r]), dr = _mm512_set1_ps(rowdot[r]);
+                int visible = i0 + r + 1; /* keys 0 .. i0 + r */
+                for (int c = 0; c < kendp; c += 16) {
+                    float *pr = P + (int64_t)r * Lp + c, *dpr = dP + (int64_t)r * Lp + c;
+                    __m512 p = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(pr), sc, lr));
+                    int n_vis = visible - c;
+                    if (n_vis < 16) p = _mm512_maskz_mov_ps(n_vis <= 0 ? 0 : (__mmask16)((1u << n_vis) - 1), p);
+                    _mm512_storeu_ps(pr, p);
+                    _mm512_storeu_ps(dpr, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dpr), dr)));
+                }
+            }
+            mm_wt_x_acc(P, Lp, nr, kend, dO, dv_acc, 1.f);
+            mm_wt_x_acc(dP, Lp, nr, kend, Q, dk_acc, scale);
+            mm_w_y(dP, Lp, nr, kend, K, dQ, scale);
+            for (int r = 0; r < nr; r++) {
+                void *out = (void *)at(dq, h, t0 + i0 + r);
+                for (int j = 0; j < DV; j++) store16(out, dq->bf16, j, _mm512_loadu_ps(dQ + r * D + 16 * j));
+            }
+        }
+    }
+    free(K); free(KT); free(VT); free(Q); free(dO); free(dQ); free(P); free(dP);
+    return ok;
+}
+
+/* Items (example, query head) in order of decreasing example length, for the dynamic schedule. */
+static int *longest_first(int n_seq, int H, const int64_t *cu) {
+    int n_items = n_seq * H;
+    int *order = malloc(sizeof(int) * (n_items ? n_items : 1));
+    if (!order) return NULL;
+    for (int i = 0; i < n_items; i++) order[i] = i;
+    for (int i = 1; i < n_items; i++) { /* insertion sort, stable: few items */
+        int x = order[i], j = i;
+        int64_t lx = cu[x / H + 1] - cu[x / H];
+        while (j > 0 && cu[order[j - 1] / H + 1] - cu[order[j - 1] / H] < lx) { order[j] = order[j - 1]; j--; }
+        order[j] = x;
+    }
+    return order;
+}
+
+/* views: q, k, v, o, dout, dq, dk, dv; q / o / dout / dq have H heads, k / v / dk / dv have G. cu: n_seq + 1
+ * cumulative lengths. lse: fp32, lse[h * lse_sh + token]. Returns 0, or -1 if memory ran out. */
+int sftlab_attention_backward(int n_seq, const int64_t *cu, int H, int G, float scale, const view_t *views,
+                              const float *lse, int64_t lse_sh) {
+    const view_t *q = &views[0], *k = &views[1], *v = &views[2], *o = &views[3], *dout = &views[4],
+                 *dq = &views[5], *dk = &views[6], *dv = &views[7];
+    int rep = H / G, n_items = n_seq * H;
+    int64_t n_tok = cu[n_seq];
+    int *order = longest_first(n_seq, H, cu);
+    /* Per query head dK / dV (fp32, H x n_tok x D each), summed per key/value head at the end. Every row
+     * belongs to an example (cu covers the row), so every row is zeroed and filled by its item. */
+    float *pk = aligned(sizeof(float) * (size_t)H * n_tok * D), *pv = aligned(sizeof(float) * (size_t)H * n_tok * D);
+    int failed = !(order && pk && pv);
+    if (!failed) {
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int it = 0; it < n_items; it++) {
+            int s = order[it] / H, h = order[it] % H;
+            int64_t t0 = cu[s];
+            int L = (int)(cu[s + 1] - t0);
+            if (L <= 0) continue;
+            float *dka = pk + ((int64_t)h * n_tok + t0) * D, *dva = pv + ((int64_t)h * n_tok + t0) * D;
+            memset(dka, 0, sizeof(float) * (size_t)L * D); /* zeroed here, by the thread that fills it */
+            memset(dva, 0, sizeof(float) * (size_t)L * D);
+            if (!one_item(t0, L, h, h / rep, scale, q, k, v, o, dout, lse, lse_sh, dq, dka, dva)) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+        if (!failed) {
+#pragma omp parallel for schedule(static)
+            for (int64_t t = 0; t < n_tok; t++) {
+                for (int g = 0; g < G; g++) {
+                    for (int j = 0; j < DV; j++) {
+                        __m512 sk = _mm512_setzero_ps(), sv = _mm512_setzero_ps();
+                        for (int hh = 0; hh < rep; hh++) {
+                            int64_t off = ((int64_t)(g * rep + hh) * n_tok + t) * D + 16 * j;
+                            sk = _mm512_add_ps(sk, _mm512_loadu_ps(pk + off));
+                            sv = _mm512_add_ps(sv, _mm512_loadu_ps(pv + off));
+                        }
+                        store16((void *)at(dk, g, t), dk->bf16, j, sk);
+                        store16((void *)at(dv, g, t), dv->bf16, j, sv);
+                    }
+                }
+            }
+        }
+    }
+    free(order); free(pk); free(pv);
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,160 @@
+"""sftlab's native attention backward (attention_cpu.c via sftlab.train.native) against causal sdpa per example.
+
+The kernel needs Linux x86-64 with AVX-512 and a C compiler; where both are present it must build and load (the
+first test), so a broken build fails here instead of silently falling back to torch's kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+import sftlab.train.attention as attention
+from sftlab.train import native
+from sftlab.train.attention import varlen_attention_forward
+
+from .test_attention import _cu, _qkv, _reference, _run
+
+CAN_BUILD = native._cpu_has_avx512() and shutil.which("gcc") is not None
+needs_native = pytest.mark.skipif(not CAN_BUILD, reason="needs AVX-512 and gcc")
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts calls of the native backward, so a test knows which path ran."""
+    calls = []
+    real = native.attention_backward
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "attention_backward", counting)
+    return calls
+
+
+def _varlen(lengths):
+    return lambda q, k, v: varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=_cu(lengths))[0]
+
+
+@needs_native
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_kernel_builds_and_loads_here(dim):
+    assert native.attention_backward_kernel(dim) is not None
+
+
+@needs_native
+@pytest.mark.parametrize("dim,heads,kv_heads", [(16, 4, 2), (64, 9, 3), (128, 4, 4), (32, 6, 1)])
+@pytest.mark.parametrize("lengths", [(5, 0, 1, 12, 7), (17, 16, 15, 33, 70, 1), (300, 2)],
+                         ids=["short", "block-edges", "long"])
+def test_native_backward_matches_each_example_alone_in_fp32(native_calls, dim, heads, kv_heads, lengths):
+    """Lengths around the kernel's 16-row blocks and 16-wide vectors, one-token and empty examples, grouped-query
+    attention with 1, 2, 3 and 6 query heads per key/value head."""
+    q, k, v, grad = _qkv(heads=heads, kv_heads=kv_heads, dim=dim, lengths=lengths)
+    got = _run(_varlen(lengths), q, k, v, grad)
+    ref = _run(lambda *t: _reference(*t, lengths), q, k, v, grad)
+    assert native_calls == [list(_cu(lengths).tolist())]
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)
+
+
+@needs_native
+def test_native_backward_under_autocast_writes_each_input_dtype(native_calls):
+    """Under bf16 autocast (q, k fp32 from the rotary embedding, v bf16): gradients in each input's dtype, and as
+    close to the fp32 reference on the same bf16 values as torch's own kernels get."""
+    lengths = (40, 3, 77, 64)
+    q, k, v, grad = _qkv(heads=6, kv_heads=2, dim=64, lengths=lengths)
+    q, k = (t.detach().to(torch.bfloat16).float() for t in (q, k))  # what autocast rounds them to anyway
+    v16 = v.detach().to(torch.bfloat16)
+    ref = _run(lambda *t: _reference(*t, lengths), q, k, v16.float(), grad)
+
+    def under_autocast(*t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _varlen(lengths)(*t)
+
+    got = _run(under_autocast, q, k, v16, grad.to(torch.bfloat16))
+    assert len(native_calls) == 1
+    assert (got[1].dtype, got[2].dtype, got[3].dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "_native_backward", lambda *a: None)
+        torch_path = _run(under_autocast, q, k, v16, grad.to(torch.bfloat16))
+    assert len(native_calls) == 1
+    for g, t, r in zip(got[1:], torch_path[1:], ref[1:]):
+        err, torch_err = (g.float() - r).abs().max(), (t.float() - r).abs().max()
+        assert err <= torch_err + 1e-6, (err, torch_err)
+
+
+@needs_native
+def test_native_backward_is_the_same_bits_with_one_thread_or_two():
+    """Work is shared among threads by (example, head), and dK / dV are summed over query heads in a fixed order:
+    the thread count and timing cannot change a bit."""
+    lengths = (90, 31, 64, 200)
+    q, k, v, grad = _qkv(heads=9, kv_heads=3, dim=64, lengths=lengths)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(_varlen(lengths), q, k, v, grad)
+        torch.set_num_threads(2)
+        two = _run(_varlen(lengths), q, k, v, grad)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_native_backward_keeps_one_row_of_log_sum_exps():
+    """What autograd holds after a bf16-autocast forward on the native path: q, k, v and the output once in bf16
+    and one (heads x tokens) fp32 row of log-sum-exps."""
+    lengths = (12, 0, 11, 3, 10, 12)
+    q, k, v, _ = _qkv(dim=16, lengths=lengths)
+    v = v.detach().to(torch.bfloat16).requires_grad_()
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _varlen(lengths)(q, k, v)
+    n, dim = sum(lengths), q.shape[-1]
+    assert sum(kept.values()) == (2 * q.shape[1] + 2 * k.shape[1]) * n * dim * 2 + q.shape[1] * n * 4
+
+
+def test_without_a_compiler_training_falls_back_to_torch_kernels(monkeypatch, tmp_path, caplog):
+    """No compiler (or no AVX-512): a warning, torch's kernels, the same results."""
+    monkeypatch.setenv("CC", "no-such-compiler-sftlab")
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.setattr(native, "_cpu_has_avx512", lambda: True)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.attention_backward_kernel(16) is None
+    assert "no C compiler" in caplog.text
+    lengths = (9, 4, 20)
+    q, k, v, grad = _qkv(dim=16, lengths=lengths)
+    got = _run(_varlen(lengths), q, k, v, grad)
+    ref = _run(lambda *t: _reference(*t, lengths), q, k, v, grad)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_native_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("SFTLAB_NATIVE", "0")
+    monkeypatch.setattr(native, "_libs", {})
+    assert native.attention_backward_kernel(64) is None
+
+
+@needs_native
+def test_the_built_library_is_cached_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path))
+    first = native._build(16)
+    assert first.parent == tmp_path / "native" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native._build(16) == first and first.stat().st_mtime_ns == stamp
+    assert list(first.parent.iterdir()) == [first]  # no temporary file left behind
