@@ -153,8 +153,8 @@ def test_native_can_be_switched_off(monkeypatch):
 @needs_native
 def test_the_built_library_is_cached_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path))
-    first = native._build(16)
+    first = native._build("attention_cpu.c", ("HEAD_DIM=16",))
     assert first.parent == tmp_path / "native" and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert native._build(16) == first and first.stat().st_mtime_ns == stamp
+    assert native._build("attention_cpu.c", ("HEAD_DIM=16",)) == first and first.stat().st_mtime_ns == stamp
     assert list(first.parent.iterdir()) == [first]  # no temporary file left behind

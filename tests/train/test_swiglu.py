@@ -1,13 +1,21 @@
-"""sftlab.train.swiglu against the gated MLP it replaces: bit-identical outputs and gradients, less kept for
-backward, and the module's own forward where the function does not apply."""
+"""sftlab.train.swiglu against the gated MLP it replaces: bit-identical outputs and gradients with torch's ops,
+less kept for backward, and the module's own forward where the function does not apply. (The native elementwise
+kernel, which rounds once where torch's bf16 ops round twice, is tested in test_native_swiglu.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import sftlab.train.swiglu as S
 from sftlab.train.swiglu import swiglu, use_fused_swiglu
 from tests.helpers import tiny_llama_config
+
+
+@pytest.fixture(autouse=True)
+def torch_ops(monkeypatch):
+    """These tests compare op for op with torch's own; the native kernel is off here."""
+    monkeypatch.setattr(S, "_native", lambda gate, up: None)
 
 
 def test_swiglu_against_the_formula_in_fp64():
@@ -102,14 +110,12 @@ def test_mlp_with_fused_down_projection_is_bit_identical(kind, autocast, monkeyp
 
 def _down_fused_calls(model, monkeypatch) -> int:
     """How many MLP calls of one forward take the fused swiglu + down function."""
-    import sftlab.train.swiglu as S
-
     calls = []
     original = S._SwiGLUDown.apply
     monkeypatch.setattr(S._SwiGLUDown, "apply", lambda *args: calls.append(1) or original(*args))
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6, 7]]))
-    monkeypatch.undo()
+    monkeypatch.setattr(S._SwiGLUDown, "apply", original)
     return len(calls)
 
 

@@ -49,14 +49,20 @@ static inline __m512 load16(const void *row, int bf16, int j) {
 }
 
 static inline void store16(void *row, int bf16, int j, __m512 x) {
-    if (bf16) { /* round to nearest even, as torch's fp32 -> bf16 conversion (no NaNs arise here) */
-        __m512i u = _mm512_castps_si512(x);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-    } else {
+    if (!bf16) {
         _mm512_storeu_ps((float *)row + 16 * j, x);
+        return;
     }
+#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16) /* one instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0) */
+    _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), (__m256i)_mm512_cvtneps_pbh(x));
+#else /* round to nearest even; a NaN gets its quiet bit set, so it stays a NaN after the shift */
+    __m512i u = _mm512_castps_si512(x);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+#endif
 }
 
 static inline const void *at(const view_t *v, int64_t h, int64_t t) {

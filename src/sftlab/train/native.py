@@ -1,12 +1,15 @@
-"""sftlab's one native kernel (``attention_cpu.c``): built on first use with the system's C compiler, cached.
+"""sftlab's native CPU kernels (``attention_cpu.c``, ``swiglu_cpu.c``): built on first use with the system's C
+compiler, cached.
 
-Why compile at run time rather than ship a wheel: the kernel is specialised to the CPU (``-march=native``, AVX-512)
-and to the model's head dimension, it builds in about a second, and where it cannot be built (no compiler, no
-AVX-512, not Linux x86-64) training falls back to torch's kernels with the same results up to rounding order. The
-library is cached under ``$SFTLAB_CACHE/native`` (default ``~/.cache/sftlab/native``), keyed by the source, the
-compiler, its flags and the CPU, and written atomically, so concurrent ranks and later runs reuse it.
+Why compile at run time rather than ship a wheel: the kernels are specialised to the CPU (``-march=native``,
+AVX-512) and, for attention, to the model's head dimension; each builds in about a second, and where one cannot be
+built (no compiler, no AVX-512, not Linux x86-64) training falls back to torch's ops with the same results up to
+rounding. The libraries are cached under ``$SFTLAB_CACHE/native`` (default ``~/.cache/sftlab/native``), keyed by
+the source, the compiler, its flags and the CPU, and written atomically, so concurrent ranks and later runs reuse
+them. They use OpenMP through the process's ``libgomp.so.1``, which is torch's own once torch is loaded, so they
+share torch's threads (and ``torch.set_num_threads``).
 
-``SFTLAB_NATIVE=0`` turns the kernel off (torch's kernels only), e.g. to compare the two.
+``SFTLAB_NATIVE=0`` turns them off (torch's ops only), e.g. to compare the two.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attention_cpu.c")
+_HERE = Path(__file__).parent
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
-_libs: dict[int, "ctypes.CDLL | None"] = {}
+_libs: dict[tuple, "ctypes.CDLL | None"] = {}
 _warned = False
 
 
@@ -70,24 +73,27 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "native"
 
 
-def _build(head_dim: int) -> Path | None:
+def _build(source: str, defines: tuple[str, ...] = ()) -> Path:
+    """The compiled library for ``source`` (a file next to this module) with ``-D`` ``defines``, built if needed."""
     compiler = shutil.which(os.environ.get("CC", "gcc"))
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    flags = (*_FLAGS, f"-DHEAD_DIM={head_dim}")
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, *flags, _cpu_signature())).encode())
-    target = _cache_dir() / f"attention_cpu_d{head_dim}_{key.hexdigest()[:16]}.so"
+    path = _HERE / source
+    flags = (*_FLAGS, *(f"-D{d}" for d in defines))
+    key = hashlib.sha256("\0".join((path.read_text(), compiler, version, *flags, _cpu_signature())).encode())
+    stem = "_".join((path.stem, *(d.split("=")[-1] for d in defines)))
+    target = _cache_dir() / f"{stem}_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(path), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {path.name}: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build or a crash never leaves a half-written library
     finally:
         if os.path.exists(tmp):
@@ -95,27 +101,71 @@ def _build(head_dim: int) -> Path | None:
     return target
 
 
-def attention_backward_kernel(head_dim: int):
-    """The loaded library for ``head_dim``, or None where the kernel is off or cannot be built here."""
+def _library(source: str, defines: tuple[str, ...], signatures: dict):
+    """The loaded library with ``signatures`` ({function: argtypes}, all returning int), or None where native
+    kernels are off or this one cannot be built here (warned once per process)."""
     global _warned
-    if head_dim in _libs:
-        return _libs[head_dim]
+    key = (source, defines)
+    if key in _libs:
+        return _libs[key]
     lib = None
-    if enabled() and head_dim % 16 == 0 and 16 <= head_dim <= 256 and _cpu_has_avx512():
+    if enabled() and _cpu_has_avx512():
         try:
-            path = _build(head_dim)
-            lib = ctypes.CDLL(str(path))
-            fn = lib.sftlab_attention_backward
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                           ctypes.POINTER(View), ctypes.c_void_p, ctypes.c_int64]
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            lib = ctypes.CDLL(str(_build(source, defines)))
+            for name, argtypes in signatures.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
             if not _warned:
-                logger.warning("sftlab: native attention kernel unavailable, using torch's (%s)", err)
+                logger.warning("sftlab: native CPU kernels unavailable, using torch's ops (%s)", err)
                 _warned = True
             lib = None
-    _libs[head_dim] = lib
+    _libs[key] = lib
     return lib
+
+
+_ATTENTION_ARGS = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.POINTER(View),
+                   ctypes.c_void_p, ctypes.c_int64]
+
+
+def attention_backward_kernel(head_dim: int):
+    """The attention library for ``head_dim``, or None where it is off or cannot be built here."""
+    if head_dim % 16 or not 16 <= head_dim <= 256:
+        return None
+    return _library("attention_cpu.c", (f"HEAD_DIM={head_dim}",), {"sftlab_attention_backward": _ATTENTION_ARGS})
+
+
+_SWIGLU_ARGS = {
+    "sftlab_swiglu_forward": [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+    "sftlab_swiglu_backward": [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+}
+
+
+def swiglu_kernels(defines: tuple[str, ...] = ()):
+    """The gated-MLP library, or None where it is off or cannot be built here."""
+    return _library("swiglu_cpu.c", defines, _SWIGLU_ARGS)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def swiglu_forward(lib, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (contiguous tensors of one dtype, bf16 or fp32; the caller checks)."""
+    out = torch.empty_like(gate)
+    lib.sftlab_swiglu_forward(gate.numel(), gate.data_ptr(), up.data_ptr(), out.data_ptr(),
+                              int(gate.dtype == torch.bfloat16))
+    return out
+
+
+def swiglu_backward(lib, gate, up, grad, need_gate: bool, need_up: bool):
+    """``(grad * up * silu'(gate), grad * silu(gate))``, None where not needed; all of ``gate``'s dtype."""
+    grad_gate = torch.empty_like(gate) if need_gate else None
+    grad_up = torch.empty_like(gate) if need_up else None
+    lib.sftlab_swiglu_backward(gate.numel(), gate.data_ptr(), up.data_ptr(), grad.data_ptr(), _ptr(grad_gate),
+                               _ptr(grad_up), int(gate.dtype == torch.bfloat16))
+    return grad_gate, grad_up
 
 
 def view(t: torch.Tensor, head_dim: int, token_dim: int) -> View:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sftlab.train import native
 from sftlab.train.linear import cast_params, fused_parts, project, project_backward, swap_forward
 
 # Classes whose forward is exactly: down_proj(act_fn(gate_proj(x)) * up_proj(x)).
@@ -28,21 +29,40 @@ MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 _SILU_CLASSES = {"SiLUActivation", "SiLU"}
 
 
+def _native(gate: torch.Tensor, up: torch.Tensor):
+    """sftlab's native elementwise kernels (``swiglu_cpu.c``) where they apply: CPU tensors of one shape and one
+    dtype (bf16 or fp32), contiguous. Else None, and torch's ops run."""
+    if (gate.device.type != "cpu" or gate.dtype not in (torch.bfloat16, torch.float32) or up.dtype != gate.dtype
+            or up.shape != gate.shape or not gate.is_contiguous() or not up.is_contiguous()):
+        return None
+    return native.swiglu_kernels()
+
+
+def _product(lib, gate, up):
+    return native.swiglu_forward(lib, gate, up) if lib is not None else F.silu(gate) * up
+
+
+def _input_grads(lib, gate, up, grad, need_gate, need_up, silu=None):
+    """Gradients of ``silu(gate) * up`` for the incoming ``grad``: natively in one pass, or torch's ops."""
+    if lib is not None:
+        return native.swiglu_backward(lib, gate, up, grad.contiguous(), need_gate, need_up)
+    silu = F.silu(gate) if silu is None else silu
+    grad_up = grad * silu if need_up else None
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+    return grad_gate, grad_up
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        ctx.native = _native(gate, up)
+        return _product(ctx.native, gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return grad_gate, grad_up
+        return _input_grads(ctx.native, gate, up, grad, *ctx.needs_input_grad[:2])
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -60,7 +80,8 @@ class _SwiGLUDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, dtype):
-        h = (F.silu(gate) * up).reshape(-1, gate.shape[-1]).to(dtype)
+        ctx.native = _native(gate, up)
+        h = _product(ctx.native, gate, up).reshape(-1, gate.shape[-1]).to(dtype)
         (w, b0, a, b), ctx.param_dtypes = cast_params(weight, bias, lora_a, lora_b, dtype)
         y, t = project(h, w, b0, a, b, scaling)
         ctx.save_for_backward(gate, up, w, t, a, b)
@@ -72,11 +93,13 @@ class _SwiGLUDown(torch.autograd.Function):
         gate, up, w, t, a, b = ctx.saved_tensors
         need_gate, need_up = ctx.needs_input_grad[:2]
         # The same ops, in the same order, as _SwiGLU's forward and backward and _Linear's backward.
-        s = F.silu(gate)
+        lib = ctx.native
+        s = F.silu(gate) if lib is None else None
         # The product is the projection's input: only its weight gradients (W, LoRA's A) read it.
         h = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
-            h = (s * up).reshape(-1, gate.shape[-1]).to(w.dtype)
+            h = (s * up if lib is None else native.swiglu_forward(lib, gate, up)).reshape(-1, gate.shape[-1])
+            h = h.to(w.dtype)
         dy = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
         needs = (need_gate or need_up,) + ctx.needs_input_grad[2:6]
         grad_h, grad_w, grad_bias, grad_a, grad_b = project_backward(
@@ -85,10 +108,7 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_gate = grad_up = None
         if grad_h is not None:
             grad_h = grad_h.view(gate.shape).to(gate.dtype)
-            if need_up:
-                grad_up = grad_h * s
-            if need_gate:
-                grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+            grad_gate, grad_up = _input_grads(lib, gate, up, grad_h, need_gate, need_up, silu=s)
         return grad_gate, grad_up, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
