@@ -198,6 +198,7 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
     from sftlab.config import parse_config
     from sftlab.train.linear import use_fused_linears
     from sftlab.train.norm import use_fused_rms_norms
+    from sftlab.train.swiglu import use_fused_swiglu
     from sftlab.workflow import cpu_training_speedups
 
     def lora_model():
@@ -216,6 +217,7 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
     assert any("fused" in line for line in done)
     use_fused_linears(ref_model, skip=(ref_model.get_base_model().lm_head,))
     use_fused_rms_norms(ref_model)
+    use_fused_swiglu(ref_model)
     base = model.get_base_model()
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert base.model.embed_tokens.weight.dtype == torch.float32  # tied LM head stays fp32
