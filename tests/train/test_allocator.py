@@ -43,3 +43,58 @@ def test_weights_leave_the_file_mapping_unchanged(tmp_path):
         assert torch.equal(p, before[name]), name
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
     assert own_file_backed_tensors(model) == 0
+
+
+def _heap_free_bytes() -> int:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2().fordblks
+
+
+def test_prefaulted_heap_memory_stays_in_the_process(monkeypatch):
+    """What prefault_heap touches is freed into glibc's heap and kept there for the first step to reuse; without
+    retain_freed_memory in effect it does nothing (large blocks would go straight back to the system)."""
+    import sftlab.train.allocator as allocator
+
+    monkeypatch.setattr(allocator, "_done", False)
+    assert allocator.prefault_heap(1 << 20) == 0
+    if not allocator.retain_freed_memory():
+        pytest.skip("not glibc")
+    free_before = _heap_free_bytes()
+    touched = allocator.prefault_heap(100 << 20)
+    assert touched == 128 << 20  # whole 64 MiB blocks
+    assert _heap_free_bytes() - free_before >= touched - (1 << 20)
+
+
+def test_trainer_prefaults_once_from_the_first_pass_and_the_model_size(tmp_path, monkeypatch):
+    """SFTTrainer touches (tokens of the first pass, at most the token budget) x layers x hidden x
+    PREFAULT_BYTES_PER_UNIT bytes, once, before the first training pass."""
+    import sftlab.train.allocator as allocator
+    from tests.train.test_fast_paths import _features, _model
+    from transformers import TrainingArguments
+
+    from sftlab.data.collator import SFTCollator
+    from sftlab.train.attention import VARLEN_ATTENTION, register_varlen_attention
+    from sftlab.train.trainer import CountingCollator, SFTTrainer
+    from sftlab.workflow import ListDataset
+
+    calls = []
+    monkeypatch.setattr(allocator, "prefault_heap", lambda n: calls.append(n) or 0)
+    register_varlen_attention()
+    feats = _features()
+    model = _model(VARLEN_ATTENTION)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(feats), max_steps=2,
+                             use_cpu=True, report_to="none", remove_unused_columns=False, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(feats),
+                         data_collator=CountingCollator(SFTCollator(0, mask_mode="flatten")),
+                         max_tokens_per_forward=12)
+    trainer.train()
+    config = model.config
+    assert calls == [12 * config.num_hidden_layers * config.hidden_size * allocator.PREFAULT_BYTES_PER_UNIT]

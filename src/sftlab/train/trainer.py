@@ -57,6 +57,7 @@ class SFTTrainer(Trainer):
         self.tokens_seen = 0  # non-pad tokens, this rank
         self.trained_tokens_seen = 0  # tokens with a label, this rank
         self._eval_sums = None
+        self._heap_prefaulted = False
         # Trainer only counts num_items_in_batch when it believes the model takes loss kwargs; we always want it.
         self.model_accepts_loss_kwargs = True
 
@@ -80,11 +81,30 @@ class SFTTrainer(Trainer):
             loss = parts.loss_sum / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
         return (loss, None) if return_outputs else loss
 
+    def _prefault_once(self, model, n_tokens: int) -> None:
+        """Before the first training pass on CPU, touch the heap memory it will need (see
+        ``sftlab.train.allocator.prefault_heap``): an estimate from the pass's tokens and the model's size, kept
+        below what the pass allocates so the run's peak memory stays where it was."""
+        if self._heap_prefaulted:
+            return
+        self._heap_prefaulted = True
+        if self.args.device.type != "cpu":
+            return
+        from sftlab.train.allocator import PREFAULT_BYTES_PER_UNIT, prefault_heap
+        from sftlab.train.loss import unwrap_model
+
+        config = getattr(unwrap_model(model), "config", None)
+        layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+        if layers and hidden:
+            prefault_heap(n_tokens * layers * hidden * PREFAULT_BYTES_PER_UNIT)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        budget = self.max_tokens_per_forward
+        n_tokens = int(inputs["input_ids"].numel())
+        self._prefault_once(model, min(n_tokens, budget) if budget else n_tokens)
         # Padding-free batches over the token budget run as several forward/backward passes: the loss is divided
         # by the whole step's token count, so the summed gradients are the step's, and activation memory is that
         # of one piece. Single process only (DDP would all-reduce after every backward).
-        budget = self.max_tokens_per_forward
         if (not budget or num_items_in_batch is None or self.args.world_size > 1
                 or "cu_seq_lens_q" not in inputs):
             return super().training_step(model, inputs, num_items_in_batch)
