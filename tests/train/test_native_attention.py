@@ -158,3 +158,64 @@ def test_the_built_library_is_cached_and_reused(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native._build("attention_cpu.c", ("HEAD_DIM=16",)) == first and first.stat().st_mtime_ns == stamp
     assert list(first.parent.iterdir()) == [first]  # no temporary file left behind
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+needs_amx = pytest.mark.skipif(not (CAN_BUILD and _has_amx()), reason="needs AMX-BF16 and gcc")
+
+
+@needs_amx
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 9, 3), (128, 4, 2), (32, 2, 2)])
+@pytest.mark.parametrize("lengths", [(1, 15, 16, 17, 31, 32, 33), (100, 0, 300)], ids=["tile-edges", "long"])
+def test_bf16_tile_kernels_are_as_close_as_torchs_bf16_attention(monkeypatch, dim, heads, kv_heads, lengths):
+    """Under bf16 autocast on a CPU with AMX, the forward runs as bf16 tile products (torch's bf16 kernel's
+    arithmetic) and the backward's q k^T and dO v^T likewise (exact: their inputs are bf16). Outputs and gradients
+    are as close to the fp32 computation on the same bf16 inputs as torch's own kernels get."""
+    forward_ran = []
+    real_forward = native.attention_forward
+    monkeypatch.setattr(native, "attention_forward", lambda *a: forward_ran.append(real_forward(*a)) or
+                        forward_ran[-1])
+    q, k, v, grad = _qkv(heads=heads, kv_heads=kv_heads, dim=dim, lengths=lengths)
+    q, k, v, grad = (t.detach().to(torch.bfloat16) for t in (q, k, v, grad))
+    ref = _run(lambda *t: _reference(*t, lengths), q.float(), k.float(), v.float(), grad.float())
+
+    def under_autocast(*t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _varlen(lengths)(*t)
+
+    ours = _run(under_autocast, q, k, v, grad)
+    assert forward_ran == [True]
+    monkeypatch.setattr(attention, "_native_backward", lambda *a: None)
+    theirs = _run(under_autocast, q, k, v, grad)
+    for o, t, r in zip(ours, theirs, ref):
+        assert o.dtype == torch.bfloat16
+        err, torch_err = (o.float() - r).abs().max(), (t.float() - r).abs().max()
+        assert err <= 1.25 * torch_err + 1e-3 * r.abs().max(), (float(err), float(torch_err))
+
+
+@needs_amx
+def test_bf16_tile_kernels_give_the_same_bits_with_one_thread_or_two():
+    lengths = (90, 31, 64, 200)
+    q, k, v, grad = (t.detach().to(torch.bfloat16) for t in _qkv(heads=9, kv_heads=3, dim=64, lengths=lengths))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(_varlen(lengths), q, k, v, grad)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

@@ -148,10 +148,15 @@ class _VarlenAttention(torch.autograd.Function):
         # bf16, so they are rounded (once) and kept at that size, and the fp32 kernel upcasts them exactly.
         query, key, value = (t.to(fast) if t.dtype.itemsize > fast.itemsize else t for t in (query, key, value))
         lib = _native_backward(query, key, value, out, ctx.in_dtypes)
-        # The native backward reads one (heads, N) row of log-sum-exps; torch's backward takes each group's own.
+        # The native kernels read one (heads, N) row of log-sum-exps; torch's backward takes each group's own.
         lse_row = query.new_empty((query.shape[1], n_tok), dtype=torch.float32) if lib is not None else None
-        lses = []
-        groups = _groups(lengths)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64) if lib is not None else None
+        groups, lses = _groups(lengths), []
+        # bf16 compute on a CPU with AMX: the native forward (bf16 tile products, fp32 softmax: torch's bf16
+        # kernel's arithmetic, without its per-call overhead and the group padding copies).
+        if lib is not None and fast == torch.bfloat16 and native.attention_forward(
+                lib, cu, scale, query, key, value, out, lse_row):
+            groups = ()
         for group in groups:
             n = group[0][1]
             # Forward always in the compute dtype: the bf16 kernel's forward is 2-3x the fp32 one's at every
@@ -166,7 +171,7 @@ class _VarlenAttention(torch.autograd.Function):
                 lses.append(lse)
         if lse_row is not None:
             lses = [lse_row]
-            ctx.cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+            ctx.cu = cu
         ctx.save_for_backward(query, key, value, out, *lses)
         ctx.groups, ctx.fast, ctx.scale, ctx.native = groups, fast, scale, lib
         return out

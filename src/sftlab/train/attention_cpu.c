@@ -17,10 +17,17 @@
  * under OpenMP's dynamic schedule; with G < H each item's dK/dV go to a per-query-head fp32 scratch that a last
  * pass sums per key/value head in a fixed order, so results do not depend on the thread count or timing.
  */
+#define _GNU_SOURCE /* syscall() */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && HEAD_DIM % 32 == 0
+#define SFTLAB_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<multiple of 16, at most 256>"
@@ -183,11 +190,94 @@ static void *aligned(size_t bytes) {
     return posix_memalign(&p, 64, bytes ? bytes : 64) ? NULL : p;
 }
 
+#ifdef SFTLAB_AMX
+/* ---- AMX tiles (CPUs with AMX-BF16, head_dim a multiple of 32): bf16 x bf16 products with fp32 accumulation.
+ * Every tile used here is 16 rows x 64 bytes. */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+static void tiles_on(void) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) { c.colsb[i] = 64; c.rows[i] = 16; }
+    _tile_loadconfig(&c);
+}
+
+/* One row of D values as bf16 (a bf16 source copied, fp32 rounded to nearest even). */
+static inline void row_bf16(const void *src, int bf16, uint16_t *dst) {
+    if (bf16) {
+        memcpy(dst, src, sizeof(uint16_t) * D);
+        return;
+    }
+    for (int j = 0; j < DV; j++)
+        _mm256_storeu_si256((__m256i *)(dst + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)src + 16 * j)));
+}
+
+/* Linux hands out the AMX tile state only on request (once per process; torch's oneDNN asks for it too). */
+static int amx_permitted(void) {
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return permitted;
+}
+
+/* C[r][c] = sum_d A[r][d] B[c][d] for 16 rows r and c < ncp (a multiple of 16). A: 16 bf16 rows of D; BP: B in
+ * pairs along d, BP[dp * ldb + c] = (B[c][2dp], B[c][2dp + 1]). Tiles configured (tiles_on). */
+static void amx_a_bt(const uint16_t *A, const uint32_t *BP, int ldb, int ncp, float *C, int ldc) {
+    for (int c = 0; c < ncp; c += 16) {
+        _tile_zero(0);
+        for (int dc = 0; dc < D / 32; dc++) {
+            _tile_loadd(4, A + dc * 32, D * 2);
+            _tile_loadd(5, BP + (int64_t)dc * 16 * ldb + c, ldb * 4);
+            _tile_dpbf16ps(0, 4, 5);
+        }
+        _tile_stored(0, C + c, ldc * 4);
+    }
+}
+
+/* Row t of a bf16 view as D / 2 pair words, scattered into column t of P (D / 2 rows of ldp words). */
+static inline void pairs_column(const view_t *v, int64_t h, int64_t t, uint32_t *P, int ldp, int col) {
+    const uint32_t *w = (const uint32_t *)at(v, h, t);
+    for (int dp = 0; dp < D / 2; dp++) P[(int64_t)dp * ldp + col] = w[dp];
+}
+#endif
+
 /* One (example, query head): dQ into its output rows, dK / dV added into dk_acc / dv_acc (L rows of D, fp32). */
 static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *q, const view_t *k, const view_t *v,
                     const view_t *o, const view_t *dout, const float *lse, int64_t lse_sh, const view_t *dq,
-                    float *dk_acc, float *dv_acc) {
+                    float *dk_acc, float *dv_acc, int amx) {
     int Lp = (L + 15) & ~15;
+#ifdef SFTLAB_AMX
+    /* amx: q, k, v and dout are bf16, so q k^T and dout v^T are exact bf16 products: tile products (fp32
+     * accumulation) read them in pair layouts; the three products with P or dS stay in fp32 below. */
+    uint32_t *KP = NULL, *VP = NULL;
+    uint16_t *Qb = NULL, *dOb = NULL;
+    if (amx) {
+        KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        VP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        Qb = aligned(sizeof(uint16_t) * 16 * D);
+        dOb = aligned(sizeof(uint16_t) * 16 * D);
+        if (!(KP && VP && Qb && dOb)) {
+            free(KP); free(VP); free(Qb); free(dOb);
+            return 0;
+        }
+        memset(KP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        memset(VP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        memset(Qb, 0, sizeof(uint16_t) * 16 * D);
+        memset(dOb, 0, sizeof(uint16_t) * 16 * D);
+        for (int t = 0; t < L; t++) {
+            pairs_column(k, g, t0 + t, KP, Lp, t);
+            pairs_column(v, g, t0 + t, VP, Lp, t);
+        }
+        tiles_on();
+    }
+#else
+    (void)amx;
+#endif
     float *K = aligned(sizeof(float) * (size_t)L * D), *KT = aligned(sizeof(float) * (size_t)D * Lp),
           *VT = aligned(sizeof(float) * (size_t)D * Lp), *Q = aligned(sizeof(float) * BQ * D),
           *dO = aligned(sizeof(float) * BQ * D), *dQ = aligned(sizeof(float) * BQ * D),
@@ -195,13 +285,16 @@ static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *
     int ok = K && KT && VT && Q && dO && dQ && P && dP;
     if (ok) {
         float tmp[16];
-        memset(KT, 0, sizeof(float) * (size_t)D * Lp);
-        memset(VT, 0, sizeof(float) * (size_t)D * Lp);
+        if (!amx) { /* the transposed fp32 copies only feed mm_a_bt */
+            memset(KT, 0, sizeof(float) * (size_t)D * Lp);
+            memset(VT, 0, sizeof(float) * (size_t)D * Lp);
+        }
         for (int t = 0; t < L; t++) {
             const void *kr = at(k, g, t0 + t), *vr = at(v, g, t0 + t);
             for (int j = 0; j < DV; j++) {
                 __m512 kv = load16(kr, k->bf16, j);
                 _mm512_storeu_ps(K + (int64_t)t * D + 16 * j, kv);
+                if (amx) continue;
                 _mm512_storeu_ps(tmp, kv);
                 for (int e = 0; e < 16; e++) KT[(int64_t)(16 * j + e) * Lp + t] = tmp[e];
                 _mm512_storeu_ps(tmp, load16(vr, v->bf16, j));
@@ -226,8 +319,24 @@ static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *
                 rowdot[r] = _mm512_reduce_add_ps(dd);
                 rowlse[r] = lse[h * lse_sh + t];
             }
-            mm_a_bt(Q, nr, KT, Lp, kendp, P, Lp);
-            mm_a_bt(dO, nr, VT, Lp, kendp, dP, Lp);
+#ifdef SFTLAB_AMX
+            if (amx) {
+                for (int r = 0; r < nr; r++) {
+                    memcpy(Qb + r * D, at(q, h, t0 + i0 + r), sizeof(uint16_t) * D);
+                    memcpy(dOb + r * D, at(dout, h, t0 + i0 + r), sizeof(uint16_t) * D);
+                }
+                if (nr < 16) { /* rows past the example: zeros, their results unused */
+                    memset(Qb + nr * D, 0, sizeof(uint16_t) * (16 - nr) * D);
+                    memset(dOb + nr * D, 0, sizeof(uint16_t) * (16 - nr) * D);
+                }
+                amx_a_bt(Qb, KP, Lp, kendp, P, Lp);
+                amx_a_bt(dOb, VP, Lp, kendp, dP, Lp);
+            } else
+#endif
+            {
+                mm_a_bt(Q, nr, KT, Lp, kendp, P, Lp);
+                mm_a_bt(dO, nr, VT, Lp, kendp, dP, Lp);
+            }
             for (int r = 0; r < nr; r++) {
                 __m512 lr = _mm512_set1_ps(rowlse[r]), dr = _mm512_set1_ps(rowdot[r]);
                 int visible = i0 + r + 1; /* keys 0 .. i0 + r */
@@ -249,9 +358,95 @@ static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *
             }
         }
     }
+#ifdef SFTLAB_AMX
+    if (amx) _tile_release();
+    free(KP); free(VP); free(Qb); free(dOb);
+#endif
     free(K); free(KT); free(VT); free(Q); free(dO); free(dQ); free(P); free(dP);
     return ok;
 }
+
+#ifdef SFTLAB_AMX
+static int forward_item(int64_t t0, int L, int h, int g, float scale, const view_t *q, const view_t *k,
+                        const view_t *v, const view_t *o, float *lse, int64_t lse_sh) {
+    int Lp = (L + 31) & ~31;
+    /* KP[dp][t] = (K[t][2dp], K[t][2dp+1]) and VP[tp][d] = (V[2tp][d], V[2tp+1][d]): the pair layout tile
+     * products read their second operand in. */
+    uint32_t *KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp), *VP = aligned(sizeof(uint32_t) * (size_t)(Lp / 2) * D);
+    uint16_t *row = aligned(sizeof(uint16_t) * 2 * D), *Qb = aligned(sizeof(uint16_t) * 16 * D),
+             *Pb = aligned(sizeof(uint16_t) * 16 * (size_t)Lp);
+    float *S = aligned(sizeof(float) * 16 * (size_t)Lp), *O = aligned(sizeof(float) * 16 * D);
+    int ok = KP && VP && row && Qb && Pb && S && O;
+    if (ok) {
+        tiles_on();
+        memset(KP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        memset(VP, 0, sizeof(uint32_t) * (size_t)(Lp / 2) * D);
+        memset(Qb, 0, sizeof(uint16_t) * 16 * D);
+        for (int t = 0; t < L; t++) {
+            row_bf16(at(k, g, t0 + t), k->bf16, row);
+            const uint32_t *w = (const uint32_t *)row;
+            for (int dp = 0; dp < D / 2; dp++) KP[(int64_t)dp * Lp + t] = w[dp];
+        }
+        for (int t = 0; t < L; t += 2) {
+            row_bf16(at(v, g, t0 + t), v->bf16, row);
+            if (t + 1 < L) row_bf16(at(v, g, t0 + t + 1), v->bf16, row + D);
+            else memset(row + D, 0, sizeof(uint16_t) * D);
+            uint32_t *dst = VP + (int64_t)(t / 2) * D;
+            for (int d = 0; d < D; d++) dst[d] = (uint32_t)row[d] | ((uint32_t)row[D + d] << 16);
+        }
+        __m512 sc = _mm512_set1_ps(scale);
+        for (int i0 = 0; i0 < L; i0 += 16) {
+            int nr = L - i0 < 16 ? L - i0 : 16;
+            int kend = i0 + nr, kend32 = (kend + 31) & ~31;
+            float rowsum[16], rowmax[16];
+            for (int r = 0; r < nr; r++) row_bf16(at(q, h, t0 + i0 + r), q->bf16, Qb + r * D);
+            if (nr < 16) memset(Qb + nr * D, 0, sizeof(uint16_t) * (16 - nr) * D);
+            amx_a_bt(Qb, KP, Lp, kend32, S, Lp);
+            for (int r = 0; r < nr; r++) {
+                float *sr = S + (int64_t)r * Lp;
+                uint16_t *pr = Pb + (int64_t)r * Lp;
+                int visible = i0 + r + 1;
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int c = 0; c < kend32; c += 16) {
+                    int n_vis = visible - c;
+                    __mmask16 m = n_vis >= 16 ? 0xffff : n_vis <= 0 ? 0 : (__mmask16)((1u << n_vis) - 1);
+                    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(sr + c));
+                }
+                float smax = _mm512_reduce_max_ps(mx) * scale;
+                __m512 sm = _mm512_set1_ps(smax), sum = _mm512_setzero_ps();
+                for (int c = 0; c < kend32; c += 16) {
+                    __m512 p = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), sc, sm));
+                    int n_vis = visible - c;
+                    if (n_vis < 16) p = _mm512_maskz_mov_ps(n_vis <= 0 ? 0 : (__mmask16)((1u << n_vis) - 1), p);
+                    sum = _mm512_add_ps(sum, p);
+                    _mm256_storeu_si256((__m256i *)(pr + c), (__m256i)_mm512_cvtneps_pbh(p));
+                }
+                rowsum[r] = _mm512_reduce_add_ps(sum);
+                rowmax[r] = smax;
+            }
+            for (int r = nr; r < 16; r++) memset(Pb + (int64_t)r * Lp, 0, sizeof(uint16_t) * kend32);
+            for (int db = 0; db < D / 16; db++) {
+                _tile_zero(0);
+                for (int kc = 0; kc < kend32; kc += 32) {
+                    _tile_loadd(4, Pb + kc, Lp * 2);
+                    _tile_loadd(5, VP + (int64_t)(kc / 2) * D + db * 16, D * 4);
+                    _tile_dpbf16ps(0, 4, 5);
+                }
+                _tile_stored(0, O + db * 16, D * 4);
+            }
+            for (int r = 0; r < nr; r++) {
+                __m512 inv = _mm512_set1_ps(1.f / rowsum[r]);
+                void *out = (void *)at(o, h, t0 + i0 + r);
+                for (int j = 0; j < DV; j++) store16(out, o->bf16, j, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + 16 * j), inv));
+                lse[h * lse_sh + t0 + i0 + r] = rowmax[r] + logf(rowsum[r]);
+            }
+        }
+        _tile_release();
+    }
+    free(KP); free(VP); free(row); free(Qb); free(Pb); free(S); free(O);
+    return ok;
+}
+#endif
 
 /* Items (example, query head) in order of decreasing example length, for the dynamic schedule. */
 static int *longest_first(int n_seq, int H, const int64_t *cu) {
@@ -268,6 +463,33 @@ static int *longest_first(int n_seq, int H, const int64_t *cu) {
     return order;
 }
 
+/* views: q, k, v, o (o written; H heads). lse: fp32, lse[h * lse_sh + token], written. Returns 0, -1 if memory
+ * ran out, -2 where this build or this process cannot use AMX (the caller then uses torch's kernel). */
+int sftlab_attention_forward(int n_seq, const int64_t *cu, int H, int G, float scale, const view_t *views,
+                             float *lse, int64_t lse_sh) {
+#ifdef SFTLAB_AMX
+    if (!amx_permitted()) return -2;
+    int rep = H / G, n_items = n_seq * H, failed = 0;
+    int *order = longest_first(n_seq, H, cu);
+    if (!order) return -1;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int it = 0; it < n_items; it++) {
+        int s = order[it] / H, h = order[it] % H;
+        int L = (int)(cu[s + 1] - cu[s]);
+        if (L > 0 && !forward_item(cu[s], L, h, h / rep, scale, &views[0], &views[1], &views[2], &views[3], lse,
+                                   lse_sh)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+    }
+    free(order);
+    return failed ? -1 : 0;
+#else
+    (void)n_seq; (void)cu; (void)H; (void)G; (void)scale; (void)views; (void)lse; (void)lse_sh;
+    return -2;
+#endif
+}
+
 /* views: q, k, v, o, dout, dq, dk, dv; q / o / dout / dq have H heads, k / v / dk / dv have G. cu: n_seq + 1
  * cumulative lengths. lse: fp32, lse[h * lse_sh + token]. Returns 0, or -1 if memory ran out. */
 int sftlab_attention_backward(int n_seq, const int64_t *cu, int H, int G, float scale, const view_t *views,
@@ -277,6 +499,10 @@ int sftlab_attention_backward(int n_seq, const int64_t *cu, int H, int G, float 
     int rep = H / G, n_items = n_seq * H;
     int64_t n_tok = cu[n_seq];
     int *order = longest_first(n_seq, H, cu);
+    int amx = 0;
+#ifdef SFTLAB_AMX
+    amx = q->bf16 && k->bf16 && v->bf16 && dout->bf16 && amx_permitted();
+#endif
     /* Per query head dK / dV (fp32, H x n_tok x D each), summed per key/value head at the end. Every row
      * belongs to an example (cu covers the row), so every row is zeroed and filled by its item. */
     float *pk = aligned(sizeof(float) * (size_t)H * n_tok * D), *pv = aligned(sizeof(float) * (size_t)H * n_tok * D);
@@ -291,7 +517,7 @@ int sftlab_attention_backward(int n_seq, const int64_t *cu, int H, int G, float 
             float *dka = pk + ((int64_t)h * n_tok + t0) * D, *dva = pv + ((int64_t)h * n_tok + t0) * D;
             memset(dka, 0, sizeof(float) * (size_t)L * D); /* zeroed here, by the thread that fills it */
             memset(dva, 0, sizeof(float) * (size_t)L * D);
-            if (!one_item(t0, L, h, h / rep, scale, q, k, v, o, dout, lse, lse_sh, dq, dka, dva)) {
+            if (!one_item(t0, L, h, h / rep, scale, q, k, v, o, dout, lse, lse_sh, dq, dka, dva, amx)) {
 #pragma omp atomic write
                 failed = 1;
             }

@@ -132,7 +132,8 @@ def attention_backward_kernel(head_dim: int):
     """The attention library for ``head_dim``, or None where it is off or cannot be built here."""
     if head_dim % 16 or not 16 <= head_dim <= 256:
         return None
-    return _library("attention_cpu.c", (f"HEAD_DIM={head_dim}",), {"sftlab_attention_backward": _ATTENTION_ARGS})
+    return _library("attention_cpu.c", (f"HEAD_DIM={head_dim}",),
+                    {"sftlab_attention_forward": _ATTENTION_ARGS, "sftlab_attention_backward": _ATTENTION_ARGS})
 
 
 _SWIGLU_ARGS = {
@@ -170,6 +171,18 @@ def swiglu_backward(lib, gate, up, grad, need_gate: bool, need_up: bool):
 
 def view(t: torch.Tensor, head_dim: int, token_dim: int) -> View:
     return View(t.data_ptr(), t.stride(head_dim), t.stride(token_dim), int(t.dtype == torch.bfloat16), 0)
+
+
+def attention_forward(lib, cu: torch.Tensor, scale: float, q, k, v, out, lse) -> bool:
+    """Fill ``out`` (``(1, N, heads, D)``) and ``lse`` (``(heads, N)`` fp32) with causal attention per example in
+    bf16 arithmetic (bf16 products with fp32 accumulation, fp32 softmax); q, k, v as for ``attention_backward``.
+    False where this CPU or build has no AMX (nothing written: use torch's kernel)."""
+    views = (View * 4)(view(q, 1, 2), view(k, 1, 2), view(v, 1, 2), view(out, 2, 1))
+    rc = lib.sftlab_attention_forward(cu.numel() - 1, cu.data_ptr(), q.shape[1], k.shape[1], scale, views,
+                                      lse.data_ptr(), lse.stride(0))
+    if rc == -1:
+        raise MemoryError("sftlab's attention forward kernel could not allocate its buffers")
+    return rc == 0
 
 
 def attention_backward(lib, cu: torch.Tensor, scale: float, q, k, v, o, dout, dq, dk, dv, lse) -> None:
