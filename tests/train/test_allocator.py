@@ -45,31 +45,40 @@ def test_weights_leave_the_file_mapping_unchanged(tmp_path):
     assert own_file_backed_tensors(model) == 0
 
 
-def _heap_free_bytes() -> int:
-    import ctypes
+_FRESH_HEAP = """
+import ctypes, json
+import torch
+import sftlab.train.allocator as allocator
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().fordblks
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+off = allocator.prefault_heap(1 << 20)
+on = allocator.retain_freed_memory()
+free_before = libc.mallinfo2().fordblks
+touched = allocator.prefault_heap(100 << 20)
+print(json.dumps([off, on, touched, libc.mallinfo2().fordblks - free_before]))
+"""
 
 
-def test_prefaulted_heap_memory_stays_in_the_process(monkeypatch):
+def test_prefaulted_heap_memory_stays_in_the_process():
     """What prefault_heap touches is freed into glibc's heap and kept there for the first step to reuse; without
-    retain_freed_memory in effect it does nothing (large blocks would go straight back to the system)."""
-    import sftlab.train.allocator as allocator
+    retain_freed_memory in effect it does nothing (large blocks would go straight back to the system). In a
+    fresh process, so the heap has no free memory of its own yet."""
+    import json
+    import subprocess
 
-    monkeypatch.setattr(allocator, "_done", False)
-    assert allocator.prefault_heap(1 << 20) == 0
-    if not allocator.retain_freed_memory():
+    done = subprocess.run([sys.executable, "-c", _FRESH_HEAP], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    off, on, touched, kept = json.loads(done.stdout.strip().splitlines()[-1])
+    assert off == 0
+    if not on:
         pytest.skip("not glibc")
-    free_before = _heap_free_bytes()
-    touched = allocator.prefault_heap(100 << 20)
     assert touched == 128 << 20  # whole 64 MiB blocks
-    assert _heap_free_bytes() - free_before >= touched - (1 << 20)
+    assert kept >= touched - (1 << 20)
 
 
 def test_trainer_prefaults_once_from_the_first_pass_and_the_model_size(tmp_path, monkeypatch):
