@@ -42,7 +42,7 @@ def _inputs(n, dtype, seed=0):
 
 
 def test_kernel_builds_and_loads_here():
-    assert native.swiglu_kernels() is not None
+    assert native.elementwise_kernels() is not None
 
 
 @pytest.mark.parametrize("n", [5, 16, 2048 + 33, 3 * 4096])  # vector tails, block tails
@@ -94,7 +94,7 @@ def test_fused_mlp_with_native_kernel_matches_the_module_in_fp32():
 def test_portable_bf16_rounding_gives_the_same_bits_as_the_cpu_instruction():
     """CPUs without AVX512-BF16 round fp32 -> bf16 in integer arithmetic: the same bits as the instruction for
     normal numbers, infinities and NaN (tested here by building that path on purpose)."""
-    lib, portable = native.swiglu_kernels(), native.swiglu_kernels(("SFTLAB_PORTABLE_BF16",))
+    lib, portable = native.elementwise_kernels(), native.elementwise_kernels(("SFTLAB_PORTABLE_BF16",))
     assert portable is not None and portable is not lib
     gate, up, grad = _inputs(4096 + 5, torch.bfloat16)
     gate[5], up[6], grad[7] = float("nan"), float("inf"), 3.0e38

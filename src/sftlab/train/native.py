@@ -1,5 +1,5 @@
-"""sftlab's native CPU kernels (``attention_cpu.c``, ``swiglu_cpu.c``): built on first use with the system's C
-compiler, cached.
+"""sftlab's native CPU kernels (``attention_cpu.c``, ``elementwise_cpu.c``): built on first use with the system's
+C compiler, cached.
 
 Why compile at run time rather than ship a wheel: the kernels are specialised to the CPU (``-march=native``,
 AVX-512) and, for attention, to the model's head dimension; each builds in about a second, and where one cannot be
@@ -136,16 +136,20 @@ def attention_backward_kernel(head_dim: int):
                     {"sftlab_attention_forward": _ATTENTION_ARGS, "sftlab_attention_backward": _ATTENTION_ARGS})
 
 
-_SWIGLU_ARGS = {
-    "sftlab_swiglu_forward": [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
-    "sftlab_swiglu_backward": [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int],
+_I64, _INT, _PTR, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+_ELEMENTWISE_ARGS = {
+    "sftlab_swiglu_forward": [_I64, _PTR, _PTR, _PTR, _INT],
+    "sftlab_swiglu_backward": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _INT],
+    "sftlab_rotary": [_I64, _INT, _INT, _INT, _PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT, _I64, _I64],
+    "sftlab_rms_norm_forward": [_I64, _INT, _PTR, _PTR, _F32, _PTR, _PTR],
+    "sftlab_rms_norm_backward": [_I64, _INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
 }
 
 
-def swiglu_kernels(defines: tuple[str, ...] = ()):
-    """The gated-MLP library, or None where it is off or cannot be built here."""
-    return _library("swiglu_cpu.c", defines, _SWIGLU_ARGS)
+def elementwise_kernels(defines: tuple[str, ...] = ()):
+    """The library of gated-MLP, rotary and RMSNorm kernels, or None where it is off or cannot be built here."""
+    return _library("elementwise_cpu.c", defines, _ELEMENTWISE_ARGS)
+
 
 
 def _ptr(t: torch.Tensor | None):
@@ -197,3 +201,35 @@ def attention_backward(lib, cu: torch.Tensor, scale: float, q, k, v, o, dout, dq
                                        lse.data_ptr(), lse.stride(0))
     if rc != 0:
         raise MemoryError("sftlab's attention backward kernel could not allocate its buffers")
+
+
+def rotary(lib, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, transpose: bool) -> None:
+    """``out`` = the rotary embedding of ``x`` (or, ``transpose``, its transposed rotation: the backward).
+    ``x`` and ``out``: ``(1, heads, N, D)``, bf16 or fp32, contiguous last dimension; ``cos`` / ``sin``: fp32
+    ``(1, 1, N, D)`` with a contiguous last dimension. The caller checks."""
+    bf = lambda t: int(t.dtype == torch.bfloat16)  # noqa: E731
+    rc = lib.sftlab_rotary(x.shape[2], x.shape[1], x.shape[3], int(transpose), x.data_ptr(), bf(x), x.stride(1),
+                           x.stride(2), cos.data_ptr(), sin.data_ptr(), cos.stride(2), out.data_ptr(), bf(out),
+                           out.stride(1), out.stride(2))
+    if rc != 0:
+        raise ValueError(f"rotary kernel: head dimension {x.shape[3]} is not a multiple of 32")
+
+
+def rms_norm_forward(lib, x2: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``(y, rstd)`` of RMSNorm over the rows of the contiguous fp32 ``(rows, H)`` ``x2``."""
+    y = torch.empty_like(x2)
+    rstd = x2.new_empty((x2.shape[0], 1))
+    lib.sftlab_rms_norm_forward(x2.shape[0], x2.shape[1], x2.data_ptr(), weight.data_ptr(), eps, y.data_ptr(),
+                                rstd.data_ptr())
+    return y, rstd
+
+
+def rms_norm_backward(lib, x2, weight, rstd, g2, need_x: bool, need_w: bool):
+    """``(grad_x, grad_w)`` of RMSNorm (None where not needed); all fp32 and contiguous, rows of H."""
+    grad_x = torch.empty_like(x2) if need_x else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    rc = lib.sftlab_rms_norm_backward(x2.shape[0], x2.shape[1], x2.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+                                      g2.data_ptr(), _ptr(grad_x), _ptr(grad_w))
+    if rc != 0:
+        raise MemoryError("sftlab's RMSNorm backward kernel could not allocate its buffers")
+    return grad_x, grad_w

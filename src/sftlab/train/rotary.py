@@ -19,27 +19,53 @@ import sys
 
 import torch
 
+from sftlab.train import native
+
 # Attention classes whose module-level apply_rotary_pos_emb is the rotate_half formula above (unsqueeze_dim=1).
 ROTARY_ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+
+
+def _native(x, cos, sin):
+    """sftlab's native kernel (``elementwise_cpu.c``) where it applies: CPU, x bf16 or fp32 as (1, heads, N, D)
+    with D a multiple of 32, cos / sin fp32 (1, 1, N, D), every last dimension contiguous. Else None."""
+    if (x.device.type != "cpu" or x.dim() != 4 or x.shape[0] != 1 or x.shape[-1] % 32
+            or x.dtype not in (torch.bfloat16, torch.float32) or x.stride(-1) != 1
+            or cos.shape != (1, 1, x.shape[2], x.shape[3]) or sin.shape != cos.shape
+            or cos.stride() != sin.stride() or cos.stride(-1) != 1):
+        return None
+    return native.elementwise_kernels()
 
 
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        ctx.native = lib = _native(x, cos, sin)
+        out_dtype = torch.promote_types(x.dtype, cos.dtype)
+        if lib is not None:
+            # In x's memory layout (token-major from the projection), which the backward's gradient then keeps:
+            # the projection's backward reads it without a copy.
+            out = torch.empty_like(x, dtype=out_dtype)
+            native.rotary(lib, x, cos, sin, out, transpose=False)
+            return out
         h = x.shape[-1] // 2
-        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
         torch.mul(x1, cos[..., :h], out=o1)
         o1.addcmul_(x2, sin[..., :h], value=-1)
         torch.mul(x2, cos[..., h:], out=o2)
         o2.addcmul_(x1, sin[..., h:])
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
+        if ctx.native is not None and grad.dtype in (torch.bfloat16, torch.float32) and grad.stride(-1) == 1:
+            dx = torch.empty(grad.shape[0], grad.shape[2], grad.shape[1], grad.shape[3], dtype=ctx.x_dtype,
+                             device=grad.device).transpose(1, 2)  # token-major, as the projection gave x
+            native.rotary(ctx.native, grad, cos, sin, dx, transpose=True)
+            return dx, None, None
         h = grad.shape[-1] // 2
         dx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         g1, g2, d1, d2 = grad[..., :h], grad[..., h:], dx[..., :h], dx[..., h:]

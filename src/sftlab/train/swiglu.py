@@ -35,7 +35,7 @@ def _native(gate: torch.Tensor, up: torch.Tensor):
     if (gate.device.type != "cpu" or gate.dtype not in (torch.bfloat16, torch.float32) or up.dtype != gate.dtype
             or up.shape != gate.shape or not gate.is_contiguous() or not up.is_contiguous()):
         return None
-    return native.swiglu_kernels()
+    return native.elementwise_kernels()
 
 
 def _product(lib, gate, up):
