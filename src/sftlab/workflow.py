@@ -210,9 +210,11 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
       per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
     * glibc keeps freed memory for the next step instead of unmapping it, and weights still backed by the
       checkpoint's file mapping are copied out so the mapping goes (sftlab.train.allocator).
+    * sftlab's native kernels (sftlab.train.native) are built now, if not cached, rather than in the first step.
     """
     import torch
 
+    from sftlab.train import native
     from sftlab.train.allocator import own_file_backed_tensors, retain_freed_memory
     from sftlab.train.attention import register_varlen_attention
     from sftlab.train.linear import use_fused_linears
@@ -255,6 +257,13 @@ def cpu_training_speedups(model, cfg: Config) -> list[str]:
             n += 1
         if n:
             done.append(f"{n} frozen linear weights stored in bf16")
+    config = base.config
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads if getattr(config, "num_attention_heads", 0) else None)
+    if native.prepare(head_dim):
+        done.append("native CPU kernels (attention, gated MLP, RMSNorm, rotary) built or loaded from the cache")
+    else:
+        done.append("native CPU kernels not available here (see the warning, if any): torch's ops instead")
     n_owned = own_file_backed_tensors(model)
     if n_owned:
         done.append(f"{n_owned} tensors copied out of the checkpoint's file mapping (so the mapping is released)")

@@ -212,6 +212,7 @@ def test_bf16_frozen_linears_give_the_same_numbers_as_autocast(tmp_path):
                                           finetuning_type="lora"))
     done = cpu_training_speedups(model, cfg)
     assert any("bf16" in line for line in done) and any("varlen" in line for line in done)
+    assert any("native CPU kernels" in line for line in done)  # built (or found missing) before training
     # The fused functions (compared with peft / transformers in test_linear.py, test_norm.py, test_rotary.py) on
     # both, so only the storage differs.
     assert any("fused" in line for line in done)

@@ -47,7 +47,7 @@ def test_kernel_builds_and_loads_here(dim):
 
 
 @needs_native
-@pytest.mark.parametrize("dim,heads,kv_heads", [(16, 4, 2), (64, 9, 3), (128, 4, 4), (32, 6, 1)])
+@pytest.mark.parametrize("dim,heads,kv_heads", [(16, 4, 2), (64, 9, 3), (128, 4, 4), (32, 6, 1), (80, 4, 2)])
 @pytest.mark.parametrize("lengths", [(5, 0, 1, 12, 7), (17, 16, 15, 33, 70, 1), (300, 2)],
                          ids=["short", "block-edges", "long"])
 def test_native_backward_matches_each_example_alone_in_fp32(native_calls, dim, heads, kv_heads, lengths):

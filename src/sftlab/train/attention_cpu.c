@@ -60,7 +60,8 @@ static inline void store16(void *row, int bf16, int j, __m512 x) {
         _mm512_storeu_ps((float *)row + 16 * j, x);
         return;
     }
-#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16) /* one instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0) */
+/* One instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0). */
+#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16)
     _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), (__m256i)_mm512_cvtneps_pbh(x));
 #else /* round to nearest even; a NaN gets its quiet bit set, so it stays a NaN after the shift */
     __m512i u = _mm512_castps_si512(x);
@@ -122,7 +123,8 @@ static void mm_a_bt(const float *A, int nr, const float *BT, int ldb, int ncp, f
                     const float *b = BT + (int64_t)d * ldb + c;
                     for (int i = 0; i < 4; i++) {
                         __m512 a = _mm512_set1_ps(A[(r + i) * D + d]);
-                        for (int j = 0; j < nv; j++) acc[i][j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(b + 16 * j), acc[i][j]);
+                        for (int j = 0; j < nv; j++)
+                            acc[i][j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(b + 16 * j), acc[i][j]);
                     }
                 }
             }
@@ -181,7 +183,8 @@ static void mm_w_y(const float *W, int ldw, int nr, int nc, const float *Y, floa
             }
         }
         for (int i = 0; i < m; i++)
-            for (int j = 0; j < DV; j++) _mm512_storeu_ps(OUT + (int64_t)(r + i) * D + 16 * j, _mm512_mul_ps(al, acc[i][j]));
+            for (int j = 0; j < DV; j++)
+                _mm512_storeu_ps(OUT + (int64_t)(r + i) * D + 16 * j, _mm512_mul_ps(al, acc[i][j]));
     }
 }
 
@@ -215,7 +218,8 @@ static inline void row_bf16(const void *src, int bf16, uint16_t *dst) {
         return;
     }
     for (int j = 0; j < DV; j++)
-        _mm256_storeu_si256((__m256i *)(dst + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)src + 16 * j)));
+        _mm256_storeu_si256((__m256i *)(dst + 16 * j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps((const float *)src + 16 * j)));
 }
 
 /* Linux hands out the AMX tile state only on request (once per process; torch's oneDNN asks for it too). */
@@ -324,7 +328,8 @@ static int one_item_amx(int64_t t0, int L, int h, int g, float scale, const view
                         const view_t *v, const view_t *o, const view_t *dout, const float *lse, int64_t lse_sh,
                         const view_t *dq, float *dk_acc, float *dv_acc) {
     int Lp = (L + 31) & ~31;
-    uint32_t *KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp), *VP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp),
+    uint32_t *KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp),
+             *VP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp),
              *KK = aligned(sizeof(uint32_t) * (size_t)(Lp / 2) * D), *QP = aligned(sizeof(uint32_t) * 16 * D),
              *GP = aligned(sizeof(uint32_t) * 16 * D);
     uint16_t *Qb = aligned(sizeof(uint16_t) * 32 * D), *Gb = aligned(sizeof(uint16_t) * 32 * D),
@@ -365,7 +370,8 @@ static int one_item_amx(int64_t t0, int L, int h, int g, float scale, const view
                 memcpy(Gb + r * D, at(dout, h, t), sizeof(uint16_t) * D);
                 const void *orow = at(o, h, t);
                 __m512 dd = _mm512_setzero_ps();
-                for (int j = 0; j < DV; j++) dd = _mm512_fmadd_ps(load16(Gb + r * D, 1, j), load16(orow, o->bf16, j), dd);
+                for (int j = 0; j < DV; j++)
+                    dd = _mm512_fmadd_ps(load16(Gb + r * D, 1, j), load16(orow, o->bf16, j), dd);
                 rowdot[r] = _mm512_reduce_add_ps(dd);
                 rowlse[r] = lse[h * lse_sh + t];
             }
@@ -382,7 +388,8 @@ static int one_item_amx(int64_t t0, int L, int h, int g, float scale, const view
                     __mmask16 m = n_vis >= 16 ? 0xffff : n_vis <= 0 ? 0 : (__mmask16)((1u << n_vis) - 1);
                     __m512 p = _mm512_setzero_ps(), ds = _mm512_setzero_ps();
                     if (m) {
-                        p = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(_mm512_loadu_ps(S + (int64_t)r * Lp + c), sc, lr)));
+                        __m512 sv = _mm512_loadu_ps(S + (int64_t)r * Lp + c);
+                        p = _mm512_maskz_mov_ps(m, exp512(_mm512_fmsub_ps(sv, sc, lr)));
                         ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dP + (int64_t)r * Lp + c), dr));
                     }
                     __m256i pb = (__m256i)_mm512_cvtneps_pbh(p), sb = (__m256i)_mm512_cvtneps_pbh(ds);
@@ -427,7 +434,8 @@ static int one_item_amx(int64_t t0, int L, int h, int g, float scale, const view
                 }
             for (int r = 0; r < nr; r++) {
                 void *out = (void *)at(dq, h, t0 + i0 + r);
-                for (int j = 0; j < DV; j++) store16(out, dq->bf16, j, _mm512_mul_ps(sc, _mm512_loadu_ps(dQ + r * D + 16 * j)));
+                for (int j = 0; j < DV; j++)
+                    store16(out, dq->bf16, j, _mm512_mul_ps(sc, _mm512_loadu_ps(dQ + r * D + 16 * j)));
             }
         }
         _tile_release();
@@ -448,7 +456,8 @@ static int forward_item(int64_t t0, int L, int h, int g, float scale, const view
     int Lp = (L + 31) & ~31;
     /* KP[dp][t] = (K[t][2dp], K[t][2dp+1]) and VP[tp][d] = (V[2tp][d], V[2tp+1][d]): the pair layout tile
      * products read their second operand in. */
-    uint32_t *KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp), *VP = aligned(sizeof(uint32_t) * (size_t)(Lp / 2) * D);
+    uint32_t *KP = aligned(sizeof(uint32_t) * (size_t)(D / 2) * Lp),
+             *VP = aligned(sizeof(uint32_t) * (size_t)(Lp / 2) * D);
     uint16_t *row = aligned(sizeof(uint16_t) * 2 * D), *Qb = aligned(sizeof(uint16_t) * 16 * D),
              *Pb = aligned(sizeof(uint16_t) * 16 * (size_t)Lp);
     float *S = aligned(sizeof(float) * 16 * (size_t)Lp), *O = aligned(sizeof(float) * 16 * D);
@@ -513,7 +522,8 @@ static int forward_item(int64_t t0, int L, int h, int g, float scale, const view
             for (int r = 0; r < nr; r++) {
                 __m512 inv = _mm512_set1_ps(1.f / rowsum[r]);
                 void *out = (void *)at(o, h, t0 + i0 + r);
-                for (int j = 0; j < DV; j++) store16(out, o->bf16, j, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + 16 * j), inv));
+                for (int j = 0; j < DV; j++)
+                    store16(out, o->bf16, j, _mm512_mul_ps(_mm512_loadu_ps(O + r * D + 16 * j), inv));
                 lse[h * lse_sh + t0 + i0 + r] = rowmax[r] + logf(rowsum[r]);
             }
         }

@@ -36,7 +36,8 @@ static inline void store(void *p, int bf16, int64_t i, __mmask16 m, __m512 x) {
         _mm512_mask_storeu_ps((float *)p + i, m, x);
         return;
     }
-#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16) /* one instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0) */
+/* One instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0). */
+#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16)
     _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(x));
 #else /* round to nearest even; a NaN gets its quiet bit set, so it stays a NaN after the shift */
     __m512i u = _mm512_castps_si512(x);
@@ -174,7 +175,8 @@ int sftlab_rms_norm_forward(int64_t rows, int H, const float *x, const float *w,
         __m512 vr = _mm512_set1_ps(rs);
         for (int i = 0; i < H; i += 16) {
             __mmask16 m = tail(i, H);
-            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), vr), _mm512_maskz_loadu_ps(m, w + i));
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), vr);
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i));
             _mm512_mask_storeu_ps(yr + i, m, v);
         }
     }
@@ -217,7 +219,8 @@ int sftlab_rms_norm_backward(int64_t rows, int H, const float *x, const float *w
             if (acc) {
                 for (int i = 0; i < H; i += 16) {
                     __mmask16 m = tail(i, H);
-                    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + i), _mm512_maskz_loadu_ps(m, xr + i)), vr);
+                    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + i), _mm512_maskz_loadu_ps(m, xr + i));
+                    v = _mm512_mul_ps(v, vr);
                     _mm512_mask_storeu_ps(acc + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + i), v));
                 }
             }

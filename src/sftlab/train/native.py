@@ -152,6 +152,13 @@ def elementwise_kernels(defines: tuple[str, ...] = ()):
 
 
 
+def prepare(head_dim: int | None) -> bool:
+    """Build (or load from the cache) every native library a model with this head dimension uses, so the one-time
+    compile happens before training rather than inside its first step; True if they all loaded."""
+    attention_ok = head_dim is not None and attention_backward_kernel(head_dim) is not None
+    return elementwise_kernels() is not None and attention_ok
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 

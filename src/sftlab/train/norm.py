@@ -5,7 +5,8 @@ adds about as many in backward; on CPU each is a separate pass over the activati
 (torch's own ``F.rms_norm`` is the same composite on CPU). Measured on SmolLM2-135M's 1185 x 576 activations,
 2 threads: 2.6-3.5 ms forward + backward per norm, 61 norms per step; this function 1.3 ms. Written out, forward
 is one norm per row and one scaled multiply; backward is ``dx = rstd * (g w) - x * rstd^3 * mean(g w x)`` and
-``dw = sum(g x rstd)``.
+``dw = sum(g x rstd)``. Where sftlab's native kernel builds (``elementwise_cpu.c``), forward and backward are one
+pass each over the rows (fp32, as here): the benchmark step's 61 norms 0.11 -> ~0.045 s.
 
 ``use_fused_rms_norms`` swaps the forward of the RMSNorm classes known to compute exactly that formula; others
 (Gemma's ``1 + w``, any unknown class) keep theirs, and so does any call with non-fp32 inputs or weights.

@@ -6,7 +6,9 @@ that promotes to fp32, with as many again in backward. Measured by leaving RoPE 
 (1185 tokens, 2 threads): 0.14 s of 1.8 s. Written per half of the head dimension,
 ``out1 = x1 c1 - x2 s1`` and ``out2 = x2 c2 + x1 s2`` are two passes each, straight into one fp32 output (the dtype
 transformers' promotion gives), and backward is the transposed rotation, ``dx1 = g1 c1 + g2 s2``,
-``dx2 = g2 c2 - g1 s1``.
+``dx2 = g2 c2 - g1 s1``. Where sftlab's native kernel builds (``elementwise_cpu.c``, head dim a multiple of 32),
+each direction is one pass with the output in x's memory layout (token-major, as the projection gave it), so the
+projection's backward reads the gradient without a copy.
 
 ``use_fused_rotary`` replaces ``apply_rotary_pos_emb`` in the transformers modules of the attention classes
 listed below, which all call it by that name and share this formula. The replacement calls the original for
