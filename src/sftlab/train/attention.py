@@ -154,16 +154,15 @@ class _VarlenAttention(torch.autograd.Function):
         # Under autocast, q and k come from the fp32 rotary embedding; sdpa under autocast would round them to
         # bf16, so they are rounded (once) and kept at that size, and the fp32 kernel upcasts them exactly.
         query, key, value = (t.to(fast) if t.dtype.itemsize > fast.itemsize else t for t in (query, key, value))
-        lib = _native_backward(query, key, value, out, ctx.in_dtypes)
+        lib = _native_kernels(query, key, value, out, ctx.in_dtypes)
         # The native kernels read one (heads, N) row of log-sum-exps; torch's backward takes each group's own.
         lse_row = query.new_empty((query.shape[1], n_tok), dtype=torch.float32) if lib is not None else None
         cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64) if lib is not None else None
-        groups, lses = _groups(lengths), []
         # bf16 compute on a CPU with AMX: the native forward (bf16 tile products, fp32 softmax: torch's bf16
-        # kernel's arithmetic, without its per-call overhead and the group padding copies).
-        if lib is not None and fast == torch.bfloat16 and native.attention_forward(
-                lib, cu, scale, query, key, value, out, lse_row):
-            groups = ()
+        # kernel's arithmetic, without its per-call overhead and the group padding copies); else torch's kernel.
+        native_forward = lib is not None and fast == torch.bfloat16 and native.attention_forward(
+            lib, cu, scale, query, key, value, out, lse_row)
+        groups, lses = ([] if native_forward else _groups(lengths)), []
         for group in groups:
             n = group[0][1]
             # Forward always in the compute dtype: the bf16 kernel's forward is 2-3x the fp32 one's at every
@@ -209,8 +208,8 @@ class _VarlenAttention(torch.autograd.Function):
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _native_backward(query, key, value, out, in_dtypes):
-    """sftlab's native backward kernel (``sftlab.train.native``) where it applies to these tensors, else None:
+def _native_kernels(query, key, value, out, in_dtypes):
+    """sftlab's native attention library (``sftlab.train.native``) where it applies to these tensors, else None:
     bf16 / fp32 tensors with a contiguous last dimension, gradients wanted in bf16 / fp32, on the CPU."""
     tensors = (query, key, value, out)
     if not all(t.dtype in _NATIVE_DTYPES and t.stride(-1) == 1 and t.device.type == "cpu" for t in tensors):

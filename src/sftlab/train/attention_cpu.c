@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "native_simd.h"
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && HEAD_DIM % 32 == 0
 #define SFTLAB_AMX 1
 #include <sys/syscall.h>
@@ -47,53 +49,11 @@ typedef struct {
     int32_t bf16, unused;
 } view_t;
 
-static inline __m512 load16(const void *row, int bf16, int j) {
-    if (bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + 16 * j));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)row + 16 * j);
-}
-
-static inline void store16(void *row, int bf16, int j, __m512 x) {
-    if (!bf16) {
-        _mm512_storeu_ps((float *)row + 16 * j, x);
-        return;
-    }
-/* One instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0). */
-#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16)
-    _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), (__m256i)_mm512_cvtneps_pbh(x));
-#else /* round to nearest even; a NaN gets its quiet bit set, so it stays a NaN after the shift */
-    __m512i u = _mm512_castps_si512(x);
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-    _mm256_storeu_si256((__m256i *)((uint16_t *)row + 16 * j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-#endif
-}
+static inline __m512 load16(const void *row, int bf16, int j) { return load_f32(row, bf16, 16 * j, 0xffff); }
+static inline void store16(void *row, int bf16, int j, __m512 x) { store_f32(row, bf16, 16 * j, 0xffff, x); }
 
 static inline const void *at(const view_t *v, int64_t h, int64_t t) {
     return (const char *)v->data + (v->s_head * h + v->s_tok * t) * (v->bf16 ? 2 : 4);
-}
-
-/* exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-7 Taylor (relative error < 1e-8
- * before rounding), scaled by 2^n. Inputs below -100 give ~0 (exp(-100) = 3.7e-44). */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* C[r][c] = sum_d A[r][d] * BT[d][c] for r < nr, c < ncp (a multiple of 16). A: rows of D; BT: D rows of ldb. */

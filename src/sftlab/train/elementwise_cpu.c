@@ -21,52 +21,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "native_simd.h"
+
 #define BLOCK 2048 /* elements per OpenMP work item */
 
-static inline __m512 load(const void *p, int bf16, int64_t i, __mmask16 m) {
-    if (bf16) {
-        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-}
-
-static inline void store(void *p, int bf16, int64_t i, __mmask16 m, __m512 x) {
-    if (!bf16) {
-        _mm512_mask_storeu_ps((float *)p + i, m, x);
-        return;
-    }
-/* One instruction: round to nearest even, NaN kept (inputs below 1.2e-38 become 0). */
-#if defined(__AVX512BF16__) && !defined(SFTLAB_PORTABLE_BF16)
-    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh(x));
-#else /* round to nearest even; a NaN gets its quiet bit set, so it stays a NaN after the shift */
-    __m512i u = _mm512_castps_si512(x);
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-#endif
-}
-
-/* exp(x) for x in [-104, 88] (clamped): Cody-Waite reduction, degree-7 Taylor, 2^n by scalef. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.f)); /* exp(88) = 1.7e38: finite, so 1 / (1 + e) stays a number */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* 1 / (1 + exp(-g)): reciprocal estimate (14 bits) and one Newton step (~28 bits), cheaper than a division. */
 static inline __m512 sigmoid(__m512 g) {
@@ -88,8 +46,8 @@ int sftlab_swiglu_forward(int64_t n, const void *gate, const void *up, void *out
         int64_t end = b + BLOCK < n ? b + BLOCK : n;
         for (int64_t i = b; i < end; i += 16) {
             __mmask16 m = tail(i, end);
-            __m512 g = load(gate, bf16, i, m), u = load(up, bf16, i, m);
-            store(out, bf16, i, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u));
+            __m512 g = load_f32(gate, bf16, i, m), u = load_f32(up, bf16, i, m);
+            store_f32(out, bf16, i, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid(g)), u));
         }
     }
     return 0;
@@ -103,12 +61,12 @@ int sftlab_swiglu_backward(int64_t n, const void *gate, const void *up, const vo
         int64_t end = b + BLOCK < n ? b + BLOCK : n;
         for (int64_t i = b; i < end; i += 16) {
             __mmask16 m = tail(i, end);
-            __m512 g = load(gate, bf16, i, m), d = load(grad, bf16, i, m), s = sigmoid(g);
-            if (grad_up) store(grad_up, bf16, i, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
+            __m512 g = load_f32(gate, bf16, i, m), d = load_f32(grad, bf16, i, m), s = sigmoid(g);
+            if (grad_up) store_f32(grad_up, bf16, i, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
             if (grad_gate) {
-                __m512 u = load(up, bf16, i, m), one = _mm512_set1_ps(1.f);
+                __m512 u = load_f32(up, bf16, i, m), one = _mm512_set1_ps(1.f);
                 __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
-                store(grad_gate, bf16, i, m, _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu));
+                store_f32(grad_gate, bf16, i, m, _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu));
             }
         }
     }
@@ -133,7 +91,7 @@ int sftlab_rotary(int64_t n_tok, int heads, int D, int transpose, const void *x,
             const char *xr = (const char *)x + (x_sh * hd + x_st * t) * (x_bf16 ? 2 : 4);
             char *orow = (char *)out + (out_sh * hd + out_st * t) * (out_bf16 ? 2 : 4);
             for (int i = 0; i < h; i += 16) {
-                __m512 x1 = load(xr, x_bf16, i, all), x2 = load(xr, x_bf16, i + h, all);
+                __m512 x1 = load_f32(xr, x_bf16, i, all), x2 = load_f32(xr, x_bf16, i + h, all);
                 __m512 c1 = _mm512_loadu_ps(c + i), c2 = _mm512_loadu_ps(c + i + h);
                 __m512 s1 = _mm512_loadu_ps(sn + i), s2 = _mm512_loadu_ps(sn + i + h);
                 __m512 o1, o2;
@@ -144,8 +102,8 @@ int sftlab_rotary(int64_t n_tok, int heads, int D, int transpose, const void *x,
                     o1 = _mm512_fmadd_ps(x2, s2, _mm512_mul_ps(x1, c1));
                     o2 = _mm512_fnmadd_ps(x1, s1, _mm512_mul_ps(x2, c2));
                 }
-                store(orow, out_bf16, i, all, o1);
-                store(orow, out_bf16, i + h, all, o2);
+                store_f32(orow, out_bf16, i, all, o1);
+                store_f32(orow, out_bf16, i + h, all, o2);
             }
         }
     }

@@ -81,7 +81,9 @@ def _build(source: str, defines: tuple[str, ...] = ()) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     path = _HERE / source
     flags = (*_FLAGS, *(f"-D{d}" for d in defines))
-    key = hashlib.sha256("\0".join((path.read_text(), compiler, version, *flags, _cpu_signature())).encode())
+    headers = [h.read_text() for h in sorted(_HERE.glob("*.h"))]  # included by the sources
+    key = hashlib.sha256("\0".join((path.read_text(), *headers, compiler, version, *flags,
+                                     _cpu_signature())).encode())
     stem = "_".join((path.stem, *(d.split("=")[-1] for d in defines)))
     target = _cache_dir() / f"{stem}_{key.hexdigest()[:16]}.so"
     if target.exists():
