@@ -85,6 +85,24 @@ class DataArguments:
         "Which tokens are trained: 'completion' (every assistant turn with its end-of-turn token), "
         "'last_turn' (the final assistant turn only) or 'all' (every token, TRL's default).",
     )
+    train_on_reasoning: bool = _f(
+        True, "Train the reasoning (think block) of trained assistant turns; false: it is context, only the answer "
+        "after it is trained. An empty think block a template inserts by itself is never trained."
+    )
+    tool_format: str = _f(
+        "auto",
+        "How tools, tool calls and tool results are written: 'template' (the chat template's own tool support), "
+        "'builtin' (sftlab's Hermes/Qwen-style <tool_call> JSON format, docs/DATA_FORMATS.md) or 'auto' (the "
+        "template's when it renders tool_calls, else builtin).",
+    )
+    dataset_dir: str = _f(
+        "data", "Where dataset_info.json is read when train_file/eval_file/test_file give dataset names "
+        "(LLaMA-Factory's layout) instead of paths."
+    )
+    file_formats: dict[str, dict] = _f(
+        {}, "Per-file format settings {path: {dataset_format, column_mapping, role_map, sharegpt_keys}}; filled from "
+        "dataset_info.json for dataset names."
+    )
     cutoff_len: int = _f(1024, "Maximum tokens per example; longer ones follow 'truncation'.")
     truncation: str = _f(
         "keep_answer",

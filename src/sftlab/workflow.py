@@ -11,7 +11,7 @@ from typing import Any
 
 from sftlab.config import Config, save_config
 from sftlab.data.dataset import DataSummary, EncodeSettings, prediction_items, split_off, tokenize_files
-from sftlab.data.formats import FormatOptions
+from sftlab.data.formats import FileFormat, FormatOptions
 from sftlab.data.templates import Template, load_saved_template, load_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError
@@ -92,6 +92,8 @@ def resolve_template(cfg: Config, tokenizer, model_path: str | None) -> Template
                 if saved is not None:
                     if d.system is not None:
                         saved.default_system = d.system
+                    if "tool_format" in cfg.explicit:
+                        saved.tool_format = d.tool_format
                     return saved
     return load_template(d.template, tokenizer, data_args=d)
 
@@ -101,7 +103,9 @@ def encode_settings(cfg: Config) -> EncodeSettings:
     return EncodeSettings(
         train_on=d.train_on, cutoff_len=d.cutoff_len, truncation=d.truncation, dataset_format=d.dataset_format,
         column_mapping=d.column_mapping,
-        options=FormatOptions(role_map=d.sharegpt_role_map, sharegpt_keys=d.sharegpt_keys, system=None),
+        options=FormatOptions(role_map=d.sharegpt_role_map, sharegpt_keys=d.sharegpt_keys, system=None,
+                              files={k: FileFormat(**v) for k, v in d.file_formats.items()}),
+        train_on_reasoning=d.train_on_reasoning,
     )
 
 
@@ -291,7 +295,8 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     template = resolve_template(cfg, tokenizer, model_path)
     check_template_tokens(tokenizer, template)
-    log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}")
+    log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}; "
+        f"{template.describe_tools()}")
     retriever = None
     if cfg.rqa.full_dataset_file_path:
         from sftlab.rqa.e2e import open_rqa_retriever

@@ -21,6 +21,7 @@ from typing import Any
 from sftlab.data import formats as F
 from sftlab.data.loader import Row, read_rows
 from sftlab.data.templates import Message, Template
+from sftlab.data.tools import assistant_text, call_dicts
 from sftlab.data.tokenize import (
     IGNORE,
     Encoded,
@@ -64,13 +65,19 @@ class EncodeSettings:
     dataset_format: str | None
     column_mapping: dict[str, str]
     options: F.FormatOptions
+    train_on_reasoning: bool = True
 
 
 def load_rows(files: list[str], dataset_format: str | None, column_mapping: dict[str, str],
-              max_samples: int | None) -> list[tuple[str, Row]]:
-    """(format, row) pairs from every file; the format is detected per file unless given."""
+              max_samples: int | None, options: F.FormatOptions | None = None) -> list[tuple[str, Row]]:
+    """(format, row) pairs from every file; the format is detected per file unless given (for the run, or for
+    the file by its dataset_info.json entry)."""
     out: list[tuple[str, Row]] = []
     for path in files:
+        own = options.files.get(path) if options else None
+        if own is not None:
+            dataset_format = own.dataset_format or dataset_format
+            column_mapping = {**column_mapping, **own.column_mapping}
         rows = read_rows(path, max_samples)
         rows = [F.apply_column_mapping(r, column_mapping) for r in rows]
         if dataset_format:
@@ -95,7 +102,8 @@ def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
             enc = Encoded(enc.input_ids[: s.cutoff_len], enc.labels[: s.cutoff_len], truncated=True)
         return enc, None
     messages = F.to_messages(fmt, row, s.options)
-    enc = encode_messages(tokenizer, template, messages, s.train_on)
+    tools = F.row_tools(row)
+    enc = encode_messages(tokenizer, template, messages, s.train_on, tools, s.train_on_reasoning)
     if len(enc.input_ids) > s.cutoff_len:
         if s.truncation == "error":
             raise DataError(f"{len(enc.input_ids)} tokens exceed cutoff_len={s.cutoff_len} (truncation=error)",
@@ -105,11 +113,11 @@ def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
         if s.truncation != "keep_answer":
             raise DataError(f"truncation: unknown policy '{s.truncation}'; choose keep_answer, drop or error")
         # Oldest context first: whole earlier exchanges / history entries, while any remain.
-        for drop in range(1, F.context_units(fmt, row) + 1):
+        for drop in range(1, F.context_units(fmt, row, s.options) + 1):
             shorter = F.to_messages(fmt, row, s.options, drop=drop)
             if shorter is None:
                 break
-            enc = encode_messages(tokenizer, template, shorter, s.train_on)
+            enc = encode_messages(tokenizer, template, shorter, s.train_on, tools, s.train_on_reasoning)
             enc.truncated = True
             if len(enc.input_ids) <= s.cutoff_len:
                 break
@@ -177,7 +185,7 @@ def tokenize_files(files: list[str], split: str, tokenizer, template: Template, 
         summary.split = split
         return examples, summary
 
-    pairs = load_rows(files, settings.dataset_format, settings.column_mapping, max_samples)
+    pairs = load_rows(files, settings.dataset_format, settings.column_mapping, max_samples, settings.options)
     summary = DataSummary(split=split, rows_read=len(pairs))
     if num_workers and num_workers > 1 and len(pairs) > 64:
         import multiprocessing as mp
@@ -231,21 +239,27 @@ class PredictItem:
     prompt_ids: list[int]
     label: str
     messages: list[Message]
+    tools: list[dict] | None = None
+    label_calls: list[dict] | None = None  # the answer's tool calls ({"name", "arguments"}), when it makes any
 
 
 def prediction_items(files: list[str], tokenizer, template: Template, settings: EncodeSettings,
                      max_samples: int | None = None) -> list[PredictItem]:
     """For generation: each row's conversation up to its final answer, and that answer as the label."""
     items = []
-    for fmt, row in load_rows(files, settings.dataset_format, settings.column_mapping, max_samples):
+    for fmt, row in load_rows(files, settings.dataset_format, settings.column_mapping, max_samples,
+                              settings.options):
         if fmt == "text":
             raise DataError("prediction needs prompts and answers; the 'text' format has none", file=row.file)
         messages = F.to_messages(fmt, row, settings.options)
-        prompt_msgs, label = messages[:-1], messages[-1].content
-        ids = encode_prompt(tokenizer, template, prompt_msgs)
+        tools = F.row_tools(row)
+        prompt_msgs, answer = messages[:-1], messages[-1]
+        ids = encode_prompt(tokenizer, template, prompt_msgs, tools)
         if len(ids) > settings.cutoff_len:
             ids = ids[-settings.cutoff_len:]  # the end of the prompt holds the question
-        items.append(PredictItem(template.render_prompt(prompt_msgs), ids, label, prompt_msgs))
+        calls = call_dicts(answer.tool_calls) if answer.tool_calls else None
+        items.append(PredictItem(template.render_prompt(prompt_msgs, tools), ids, assistant_text(answer),
+                                 prompt_msgs, tools, calls))
     return items
 
 

@@ -7,14 +7,17 @@ context (earlier exchanges, alpaca history pairs, rqa chat_history entries): tru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sftlab.data.loader import Row
-from sftlab.data.templates import Message
+from sftlab.data.templates import Message, ToolCall, conversation_problem
 from sftlab.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "rqa")
+FUNCTION_CALL = "function_call"  # the pseudo-role of a sharegpt turn that holds an assistant's tool call(s)
 
 SHAREGPT_ROLES = {
     "system": "system",
@@ -24,7 +27,24 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "bot": "assistant",
     "model": "assistant",
+    "function_call": FUNCTION_CALL,  # glaive / LLaMA-Factory: an assistant turn whose value is the call(s) as JSON
+    "observation": "tool",
+    "tool": "tool",
 }
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                 "function": "tool", "ipython": "tool", "developer": "system"}
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+_THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
+
+
+@dataclass
+class FileFormat:
+    """How one file's rows read, where it differs from the run's settings (from dataset_info.json)."""
+
+    dataset_format: str | None = None
+    column_mapping: dict[str, str] = field(default_factory=dict)
+    role_map: dict[str, str] = field(default_factory=dict)
+    sharegpt_keys: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -32,6 +52,13 @@ class FormatOptions:
     role_map: dict[str, str] = field(default_factory=dict)  # extra sharegpt role names
     sharegpt_keys: dict[str, str] = field(default_factory=dict)  # {"role": "from", "content": "value"} overrides
     system: str | None = None
+    files: dict[str, FileFormat] = field(default_factory=dict)  # per-file overrides, keyed by path
+
+    def for_file(self, file: str) -> "FormatOptions":
+        f = self.files.get(file)
+        if f is None:
+            return self
+        return FormatOptions({**self.role_map, **f.role_map}, {**self.sharegpt_keys, **f.sharegpt_keys}, self.system)
 
 
 def detect_format(keys: set[str], file: str) -> str:
@@ -104,59 +131,196 @@ def _nonempty_answer(ctx: _Ctx, text: str, field: str) -> None:
         raise ctx.err("the assistant answer is empty: there is nothing to train on", field)
 
 
-def _check_alternation(ctx: _Ctx, msgs: list[Message], field: str) -> list[Message]:
-    body = msgs[1:] if msgs and msgs[0].role == "system" else msgs
-    for i, m in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m.role != want:
-            raise ctx.err(f"turn {i + 1} is '{m.role}' but '{want}' was expected (turns alternate, user first)", field)
-    if not body:
-        raise ctx.err("no user/assistant turns", field)
-    if body[-1].role != "assistant":
-        raise ctx.err("the conversation must end with an assistant turn", field)
-    for i, m in enumerate(body):
-        if m.role == "assistant":
-            _nonempty_answer(ctx, m.content, f"{field}[{i + (len(msgs) - len(body))}]")
+def _check_conversation(ctx: _Ctx, msgs: list[Message], field: str, where: list[int | None]) -> list[Message]:
+    """Turn order (templates.conversation_problem) and non-empty answers, naming the row's own item."""
+    def name(i: int) -> str:
+        return f"{field}[{where[i]}]" if i < len(where) and where[i] is not None else field
+
+    problem = conversation_problem(msgs, need_final_assistant=True)
+    if problem is not None:
+        raise ctx.err(problem[1], name(problem[0]))
+    for i, m in enumerate(msgs):
+        if m.role == "assistant" and not m.tool_calls:
+            _nonempty_answer(ctx, m.content, name(i))
     return msgs
 
 
 def _drop_exchanges(msgs: list[Message], drop: int) -> list[Message] | None:
-    """Remove the `drop` oldest user/assistant exchanges, keeping system and the final exchange."""
+    """Remove the `drop` oldest exchanges (a user turn and everything up to the next one), keeping the system
+    message and the final exchange."""
     if drop == 0:
         return msgs
     head = msgs[:1] if msgs and msgs[0].role == "system" else []
     body = msgs[len(head):]
-    n_exchanges = len(body) // 2
-    if drop >= n_exchanges:
+    users = [i for i, m in enumerate(body) if m.role == "user"]
+    if drop >= len(users):
         return None
-    return head + body[2 * drop:]
+    return head + body[users[drop]:]
+
+
+# ---- one message ------------------------------------------------------------------------------------------------
+def _text_content(ctx: _Ctx, content: Any, where: str) -> str | None:
+    """A string, or a list of text parts (OpenAI {"type": "text", "text"}, LLaMA-Factory v1 {"type": "text",
+    "value"}) joined; other parts are multimodal, which sftlab does not train."""
+    if not isinstance(content, list):
+        if content is not None and (isinstance(content, bool) or not isinstance(content, (str, int, float))):
+            raise ctx.err(f"expected a string or a list of text parts, found {type(content).__name__}", where)
+        return None if content is None else str(content)
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise ctx.err(f"expected a content part object, found {type(part).__name__}", f"{where}[{j}]")
+        kind = part.get("type", "text")
+        if kind != "text":
+            raise ctx.err(f"content part of type '{kind}' is not supported: sftlab trains on text only "
+                          "(multimodal data is out of scope)", f"{where}[{j}].type")
+        text = part.get("text", part.get("value"))
+        if not isinstance(text, str):
+            raise ctx.err("a text part needs a string 'text' (or 'value')", f"{where}[{j}]")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _json_value(ctx: _Ctx, value: Any, where: str, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ctx.err(f"{what}: not valid JSON ({e.msg} at column {e.colno})", where) from None
+
+
+def _tool_call(ctx: _Ctx, obj: Any, where: str) -> ToolCall:
+    """An OpenAI tool call ({"id", "type": "function", "function": {"name", "arguments"}}) or a bare
+    {"name", "arguments"} one; arguments an object or a JSON string of one."""
+    if not isinstance(obj, dict):
+        raise ctx.err(f"expected a tool call object, found {type(obj).__name__}", where)
+    fn, at = (obj["function"], f"{where}.function") if isinstance(obj.get("function"), dict) else (obj, where)
+    name = fn.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ctx.err("the tool call names no function", f"{at}.name")
+    key = "arguments" if "arguments" in fn else "parameters" if "parameters" in fn else None
+    args = _json_value(ctx, fn.get(key, {}), f"{at}.{key or 'arguments'}", "the tool call's arguments")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ctx.err(f"the tool call's arguments must be a JSON object, found {type(args).__name__}",
+                      f"{at}.{key or 'arguments'}")
+    call_id = obj.get("id")
+    return ToolCall(name, args, str(call_id) if call_id is not None else None)
+
+
+def _train_flag(ctx: _Ctx, item: dict, where: str, role: str) -> bool | None:
+    """loss_weight (0/1, LLaMA-Factory v1) or train (true/false, Axolotl): overrides train_on for this turn."""
+    flag = None
+    if item.get("loss_weight") is not None:
+        w = item["loss_weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+            raise ctx.err(f"loss_weight must be 0 or 1, found {w!r}", f"{where}.loss_weight")
+        flag = bool(w)
+    if item.get("train") is not None:
+        if not isinstance(item["train"], bool):
+            raise ctx.err(f"train must be true or false, found {item['train']!r}", f"{where}.train")
+        flag = item["train"]
+    if flag and role != "assistant":
+        raise ctx.err(f"only assistant turns can be trained; this turn is '{role}'",
+                      f"{where}.{'train' if 'train' in item else 'loss_weight'}")
+    return flag
+
+
+def _reasoning(ctx: _Ctx, item: dict, content: str, where: str) -> tuple[str | None, str]:
+    """(reasoning, answer): a reasoning_content / thinking field, or a leading <think>...</think> block."""
+    for key in REASONING_KEYS:
+        if item.get(key) is not None:
+            value = _text_content(ctx, item[key], f"{where}.{key}")
+            return value, content
+    found = _THINK.match(content)
+    if found:
+        return found.group(1).strip("\n"), content[found.end():]
+    return None, content
+
+
+def _message(ctx: _Ctx, item: Any, where: str, role_key: str, content_key: str, role_map: dict[str, str]) -> Message:
+    if not isinstance(item, dict):
+        raise ctx.err(f"expected an object with '{role_key}' and '{content_key}', found {type(item).__name__}", where)
+    role_raw = ctx.get_str(role_key, obj=item, where=f"{where}.{role_key}")
+    role = role_map.get(role_raw, role_map.get(role_raw.lower()))
+    if role is None:
+        raise ctx.err(f"unknown role '{role_raw}'; known: {sorted(role_map)} (extend with sharegpt_role_map)",
+                      f"{where}.{role_key}")
+    content = _text_content(ctx, item.get(content_key), f"{where}.{content_key}")
+    if role == FUNCTION_CALL:
+        if content is None:
+            raise ctx.err("missing (or null)", f"{where}.{content_key}")
+        calls = _json_value(ctx, content, f"{where}.{content_key}", "the function call")
+        calls = calls if isinstance(calls, list) else [calls]
+        return Message("assistant", "", tool_calls=tuple(_tool_call(ctx, c, f"{where}.{content_key}") for c in calls),
+                       train=_train_flag(ctx, item, where, "assistant"))
+    tool_calls = ()
+    if role == "assistant" and item.get("tool_calls"):
+        raw = ctx.get_list("tool_calls", obj=item, where=f"{where}.tool_calls")
+        tool_calls = tuple(_tool_call(ctx, c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw))
+    if content is None:
+        if not tool_calls:
+            raise ctx.err("missing (or null)", f"{where}.{content_key}")
+        content = ""
+    reasoning = None
+    if role == "assistant":
+        reasoning, content = _reasoning(ctx, item, content, where)
+    extra = {}
+    if role == "tool":
+        extra = {k: str(item[k]) for k in ("tool_call_id", "name") if item.get(k) is not None}
+    return Message(role, content, tool_calls=tool_calls, reasoning=reasoning,
+                   train=_train_flag(ctx, item, where, role), **extra)
+
+
+def _name_tool_results(msgs: list[Message]) -> list[Message]:
+    """Tool results without a name take the name of the call they answer (by id, else by position)."""
+    out, calls, k = [], (), 0
+    for m in msgs:
+        if m.tool_calls:
+            calls, k = m.tool_calls, 0
+        elif m.role == "tool":
+            if m.name is None and calls:
+                by_id = [c for c in calls if m.tool_call_id and c.id == m.tool_call_id]
+                call = by_id[0] if by_id else calls[min(k, len(calls) - 1)]
+                m = replace(m, name=call.name, tool_call_id=m.tool_call_id or call.id)
+            k += 1
+        out.append(m)
+    return out
 
 
 def _role_content_messages(ctx: _Ctx, items: list, field: str, role_key: str, content_key: str,
                            role_map: dict[str, str]) -> list[Message]:
-    msgs = []
-    for i, item in enumerate(items):
-        where = f"{field}[{i}]"
-        if not isinstance(item, dict):
-            raise ctx.err(f"expected an object with '{role_key}' and '{content_key}', found {type(item).__name__}", where)
-        role_raw = ctx.get_str(role_key, obj=item, where=f"{where}.{role_key}")
-        role = role_map.get(role_raw, role_map.get(role_raw.lower()))
-        if role is None:
-            raise ctx.err(f"unknown role '{role_raw}'; known: {sorted(role_map)} (extend with sharegpt_role_map)",
-                          f"{where}.{role_key}")
-        content = item.get(content_key)
-        if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
-            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
-            content = "".join(parts)
-        if content is None:
-            raise ctx.err("missing (or null)", f"{where}.{content_key}")
-        if not isinstance(content, str):
-            raise ctx.err(f"expected a string, found {type(content).__name__}", f"{where}.{content_key}")
-        msgs.append(Message(role, content))
-    return msgs
+    return _name_tool_results([_message(ctx, item, f"{field}[{i}]", role_key, content_key, role_map)
+                               for i, item in enumerate(items)])
 
 
-def context_units(fmt: str, row: Row) -> int:
+def row_tools(row: Row) -> list[dict] | None:
+    """The row's tool definitions (a `tools` list of JSON-schema functions, or a JSON string of one), in the
+    OpenAI shape {"type": "function", "function": {...}} that chat templates take."""
+    ctx = _Ctx(row)
+    raw = row.data.get("tools")
+    if raw is None or raw == "" or raw == []:
+        return None
+    tools = _json_value(ctx, raw, "tools", "tools")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise ctx.err(f"expected a list of function definitions, found {type(tools).__name__}", "tools")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and isinstance(t.get("function"), dict) else t
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise ctx.err("a tool definition needs a function name", f"tools[{i}].name")
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def context_units(fmt: str, row: Row, opts: FormatOptions | None = None) -> int:
     """How many units of old context this row has that truncation may drop."""
     d = row.data
     if fmt == "alpaca":
@@ -166,18 +330,22 @@ def context_units(fmt: str, row: Row) -> int:
         h = d.get("chat_history")
         return len(h) if isinstance(h, list) else 0
     if fmt in ("messages", "sharegpt"):
-        items = d.get("messages" if fmt == "messages" else "conversations")
-        if isinstance(items, list):
-            n = len(items) - (1 if items and isinstance(items[0], dict) and
-                              (items[0].get("role") == "system" or items[0].get("from") == "system") else 0)
-            return max(0, n // 2 - 1)
+        msgs = to_messages(fmt, row, opts or FormatOptions())
+        return max(0, sum(m.role == "user" for m in msgs) - 1)
     return 0
+
+
+def _with_system(msgs: list[Message], where: list[int | None], system: str | None):
+    if system and not (msgs and msgs[0].role == "system"):
+        return [Message("system", system)] + msgs, [None] + where
+    return msgs, where
 
 
 def to_messages(fmt: str, row: Row, opts: FormatOptions, drop: int = 0) -> list[Message] | None:
     """The conversation of a row (None when `drop` removes more context than the row has)."""
     ctx = _Ctx(row)
     d = row.data
+    opts = opts.for_file(row.file)
     if fmt == "alpaca":
         instruction = ctx.get_str("instruction")
         inp = ctx.get_str("input", required=False) or ""
@@ -202,18 +370,16 @@ def to_messages(fmt: str, row: Row, opts: FormatOptions, drop: int = 0) -> list[
         items = ctx.get_list("conversations")
         msgs = _role_content_messages(ctx, items, "conversations", keys["role"], keys["content"], role_map)
         system = ctx.get_str("system", required=False) or opts.system
-        if system and not (msgs and msgs[0].role == "system"):
-            msgs = [Message("system", system)] + msgs
-        return _drop_exchanges(_check_alternation(ctx, msgs, "conversations"), drop)
+        msgs, where = _with_system(msgs, list(range(len(msgs))), system)
+        return _drop_exchanges(_check_conversation(ctx, msgs, "conversations", where), drop)
     if fmt == "messages":
-        role_map = {"system": "system", "user": "user", "assistant": "assistant", **opts.role_map}
+        role_map = {**MESSAGE_ROLES, **opts.role_map}
         items = ctx.get_list("messages")
         msgs = _role_content_messages(ctx, items, "messages", "role", "content", role_map)
-        if opts.system and not (msgs and msgs[0].role == "system"):
-            msgs = [Message("system", opts.system)] + msgs
-        return _drop_exchanges(_check_alternation(ctx, msgs, "messages"), drop)
+        msgs, where = _with_system(msgs, list(range(len(msgs))), opts.system)
+        return _drop_exchanges(_check_conversation(ctx, msgs, "messages", where), drop)
     if fmt == "prompt_completion":
-        role_map = {"system": "system", "user": "user", "assistant": "assistant", **opts.role_map}
+        role_map = {**MESSAGE_ROLES, **opts.role_map}
         p, c = d.get("prompt"), d.get("completion")
         if isinstance(p, list):
             prompt_msgs = _role_content_messages(ctx, p, "prompt", "role", "content", role_map)
@@ -225,10 +391,8 @@ def to_messages(fmt: str, row: Row, opts: FormatOptions, drop: int = 0) -> list[
                 raise ctx.err("expected exactly one assistant message", "completion")
         else:
             comp_msgs = [Message("assistant", ctx.get_str("completion"))]
-        msgs = prompt_msgs + comp_msgs
-        if opts.system and msgs[0].role != "system":
-            msgs = [Message("system", opts.system)] + msgs
-        return _drop_exchanges(_check_alternation(ctx, msgs, "prompt"), drop)
+        msgs, where = _with_system(prompt_msgs + comp_msgs, list(range(len(prompt_msgs))), opts.system)
+        return _drop_exchanges(_check_conversation(ctx, msgs, "prompt", where), drop)
     if fmt == "rqa":
         return rqa_messages(row.data, system=opts.system, drop_history=drop, _ctx=ctx)
     raise DataError(f"unknown dataset_format '{fmt}'; choose one of {FORMATS}", file=row.file)

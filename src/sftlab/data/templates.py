@@ -20,6 +20,7 @@ checkpoint as ``sftlab_template.json`` and reloaded from there by every later co
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,19 +28,37 @@ from typing import Any
 from sftlab.errors import ConfigError, DataError
 
 TEMPLATE_FILE = "sftlab_template.json"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call an assistant turn makes: the function's name and its arguments (a JSON object)."""
+
+    name: str
+    arguments: dict
+    id: str | None = None
 
 
 @dataclass(frozen=True)
 class Message:
-    role: str
+    role: str  # system, user, assistant or tool
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns that call functions
+    tool_call_id: str | None = None  # tool turns: the call answered
+    name: str | None = None  # tool turns: the function that answered
+    reasoning: str | None = None  # assistant turns: the thinking before the answer
+    train: bool | None = None  # per-message override of train_on (loss_weight / train fields)
 
 
 @dataclass
 class Rendered:
     text: str
     spans: list[tuple[int, int]]  # character spans of trained assistant text, in order
+    turns: list[int] = field(default_factory=list)  # the message each span belongs to (index into the messages)
+    # Per span: it starts where the model starts writing the turn (the generation prompt's end), so tokens that
+    # merge across that point are trained; False for text after an untrained part (a think block) of the turn.
+    opens_turn: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -59,19 +78,60 @@ class Template:
     prefix: str = ""  # text at the very start (e.g. a BOS for templates whose user turn has none)
     stop_strings: list[str] = field(default_factory=list)
 
-    # ---- rendering -------------------------------------------------------------------------------------
-    def render(self, messages: list[Message]) -> Rendered:
-        _check_messages(messages, need_final_assistant=True)
-        if self.kind == "jinja":
-            return self._render_jinja(with_default_system(self, messages))
-        return self._render_pattern(messages, add_generation_prompt=False)
+    tool_format: str = "auto"  # auto | template | builtin: how tool definitions, calls and results are rendered
 
-    def render_prompt(self, messages: list[Message]) -> str:
-        """The text the model is given to write the next assistant turn (messages end with a user turn)."""
-        _check_messages(messages, need_final_assistant=False)
+    # ---- rendering -------------------------------------------------------------------------------------
+    def render(self, messages: list[Message], tools: list[dict] | None = None,
+               train_on_reasoning: bool = True) -> Rendered:
+        """The conversation as text, with the spans of every assistant turn (see `grade_reasoning` for thinking)."""
+        _check_messages(messages, need_final_assistant=True)
+        prepared = self._prepare(messages, tools)
         if self.kind == "jinja":
-            return self._jinja(with_default_system(self, messages), add_generation_prompt=True)
-        return self._render_pattern(messages, add_generation_prompt=True).text
+            rendered = self._render_jinja(prepared)
+        else:
+            rendered = self._render_pattern(prepared.messages, add_generation_prompt=False)
+        rendered.turns = [prepared.origin[t] for t in rendered.turns]
+        return grade_reasoning(rendered, messages, train_on_reasoning)
+
+    def render_prompt(self, messages: list[Message], tools: list[dict] | None = None) -> str:
+        """The text the model is given to write the next assistant turn (messages end with a user or tool turn)."""
+        _check_messages(messages, need_final_assistant=False)
+        prepared = self._prepare(messages, tools)
+        if self.kind == "jinja":
+            return self._jinja(prepared.messages, add_generation_prompt=True, tools=prepared.tools)
+        return self._render_pattern(prepared.messages, add_generation_prompt=True).text
+
+    # ---- tools and reasoning ----------------------------------------------------------------------------
+    def tool_mode(self) -> str:
+        """'template' when the template renders tools itself, 'builtin' when sftlab's <tool_call> format does."""
+        if self.tool_format not in ("auto", "template", "builtin"):
+            raise ConfigError(f"tool_format: unknown value '{self.tool_format}'; choose auto, template or builtin")
+        native = self.kind == "jinja" and "tool_calls" in (self.jinja or "")
+        if self.tool_format == "template" and not native:
+            raise ConfigError(f"tool_format=template: template '{self.name}' has no tool-call support; use "
+                              "tool_format auto or builtin (sftlab's <tool_call> JSON format)")
+        return "builtin" if self.tool_format == "builtin" or not native else "template"
+
+    def describe_tools(self) -> str:
+        if self.tool_mode() == "template":
+            return "tool calls rendered by the chat template's own tool support"
+        return "tool calls rendered in sftlab's built-in format (<tool_call> JSON, <tool_response>; docs/DATA_FORMATS.md)"
+
+    def _prepare(self, messages: list[Message], tools: list[dict] | None) -> "_Prepared":
+        from sftlab.data import tools as T
+
+        msgs, origin = list(messages), list(range(len(messages)))
+        if self.kind == "jinja" and self.default_system and msgs[0].role != "system":
+            msgs, origin = [Message("system", self.default_system), *msgs], [-1, *origin]
+        native_reasoning = self.kind == "jinja" and "reasoning_content" in (self.jinja or "")
+        if not native_reasoning:
+            msgs = [T.inline_reasoning(m) for m in msgs]
+        uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in msgs)
+        if not uses_tools or self.tool_mode() == "template":
+            return _Prepared(msgs, origin, tools or None)
+        system = self.default_system if self.kind == "pattern" else None
+        msgs, origin = T.builtin_tool_messages(msgs, origin, tools or [], system)
+        return _Prepared(msgs, origin, None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,8 +154,9 @@ class Template:
         parts: list[str] = [self.prefix]
         pos = len(self.prefix)
         spans: list[tuple[int, int]] = []
+        turns: list[int] = []
         first_user = True
-        for m in body:
+        for index, m in enumerate(body, start=len(messages) - len(body)):
             if m.role == "user":
                 content = m.content
                 if first_user and system:
@@ -110,34 +171,39 @@ class Template:
             else:  # assistant
                 trained = m.content + self.assistant_end
                 spans.append((pos, pos + len(trained)))
+                turns.append(index)
                 s = trained + self.assistant_after
             parts.append(s)
             pos += len(s)
-        return Rendered("".join(parts), spans)
+        return Rendered("".join(parts), spans, turns, [True] * len(spans))
 
     # ---- jinja kind -------------------------------------------------------------------------------------
-    def _jinja(self, messages: list[Message], add_generation_prompt: bool) -> str:
+    def _jinja(self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_template_error
+        env.filters["tojson"] = _tojson
         tmpl = env.from_string(self.jinja or "")
-        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        extra = {"tools": tools} if tools else {}
         return tmpl.render(
-            messages=msgs,
+            messages=[_jinja_message(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=self._special.get("bos", ""),
             eos_token=self._special.get("eos", ""),
+            **extra,
         )
 
-    def _render_jinja(self, messages: list[Message]) -> Rendered:
-        full = self._jinja(messages, add_generation_prompt=False)
+    def _render_jinja(self, prepared: "_Prepared") -> Rendered:
+        messages, tools = prepared.messages, prepared.tools
+        full = self._jinja(messages, add_generation_prompt=False, tools=tools)
         spans: list[tuple[int, int]] = []
+        turns: list[int] = []
         for i, m in enumerate(messages):
             if m.role != "assistant":
                 continue
-            before = self._jinja(messages[:i], add_generation_prompt=True)
-            through = self._jinja(messages[: i + 1], add_generation_prompt=False)
+            before = self._jinja(messages[:i], add_generation_prompt=True, tools=tools)
+            through = self._jinja(messages[: i + 1], add_generation_prompt=False, tools=tools)
             if not (through.startswith(before) and full.startswith(through)):
                 raise ConfigError(
                     f"template '{self.name}': the chat template does not render conversations as prefixes of one "
@@ -148,7 +214,8 @@ class Template:
             # Whitespace after the end-of-turn marker is formatting, not something the model must learn to emit.
             end = len(through.rstrip())
             spans.append((start, max(start, end)))
-        return Rendered(full, spans)
+            turns.append(i)
+        return Rendered(full, spans, turns, [True] * len(spans))
 
     @property
     def _special(self) -> dict[str, str]:
@@ -159,26 +226,109 @@ def _raise_template_error(msg: str) -> None:
     raise DataError(f"chat template refused the conversation: {msg}")
 
 
-def _check_messages(messages: list[Message], need_final_assistant: bool) -> None:
+def conversation_problem(messages: list[Message], need_final_assistant: bool) -> tuple[int, str] | None:
+    """(index of the message at fault, what is wrong) or None. Turns go user -> assistant -> user ...; an assistant
+    turn with tool calls is followed by one or more tool results, and then by an assistant turn."""
     if not messages:
-        raise DataError("empty conversation")
+        return 0, "empty conversation"
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise DataError(f"unknown role '{m.role}' in message {i}; expected one of {ROLES}")
+            return i, f"unknown role '{m.role}'; expected one of {ROLES}"
         if m.role == "system" and i != 0:
-            raise DataError(f"a system message may only come first (found at message {i})")
-    body = messages[1:] if messages[0].role == "system" else messages
-    if not body or body[0].role != "user":
-        raise DataError("a conversation must start with a user message (after an optional system message)")
-    for i, m in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m.role != want:
-            raise DataError(f"turns must alternate user/assistant; message {i} is '{m.role}', expected '{want}'")
-    last = body[-1].role
+            return i, "a system message may only come first"
+    first = 1 if messages[0].role == "system" else 0
+    if len(messages) == first or messages[first].role != "user":
+        return first, "a conversation must start with a user message (after an optional system message)"
+    for i in range(first + 1, len(messages)):
+        prev, m = messages[i - 1], messages[i]
+        if m.role == "tool" and not (prev.role == "tool" or prev.tool_calls):
+            return i, "a tool result with no preceding tool call (it must follow an assistant turn with tool_calls)"
+        if m.role != "tool" and prev.tool_calls:
+            return i, f"'{m.role}' turn after tool calls: the calls' tool results must come first"
+        if m.role == prev.role and m.role in ("user", "assistant"):
+            return i, f"two '{m.role}' turns in a row (turns alternate user/assistant)"
+    last = messages[-1].role
     if need_final_assistant and last != "assistant":
-        raise DataError("a training conversation must end with an assistant message")
-    if not need_final_assistant and last != "user":
-        raise DataError("a prompt must end with a user message")
+        return len(messages) - 1, "a training conversation must end with an assistant message"
+    if not need_final_assistant and last not in ("user", "tool"):
+        return len(messages) - 1, "a prompt must end with a user or tool message"
+    return None
+
+
+def _check_messages(messages: list[Message], need_final_assistant: bool) -> None:
+    problem = conversation_problem(messages, need_final_assistant)
+    if problem is not None:
+        raise DataError(f"message {problem[0]}: {problem[1]}")
+
+
+@dataclass
+class _Prepared:
+    """Messages as the template will render them, where each came from in the row's messages (-1: added), and
+    the tool definitions to pass to a template that renders them itself."""
+
+    messages: list[Message]
+    origin: list[int]
+    tools: list[dict] | None
+
+
+def _tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False, ensure_ascii=False) -> str:
+    """Hugging Face's `tojson` for chat templates (no HTML escaping, unlike Jinja's own)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _jinja_message(m: Message) -> dict[str, Any]:
+    """A message the way Hugging Face chat templates read it."""
+    d: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        d["tool_calls"] = [
+            {"type": "function", **({"id": c.id} if c.id else {}), "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.role == "tool":
+        d.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", m.name)) if v})
+    if m.reasoning is not None:
+        d["reasoning_content"] = m.reasoning
+    return d
+
+
+_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")
+
+
+def grade_reasoning(rendered: Rendered, messages: list[Message], train_on_reasoning: bool) -> Rendered:
+    """Which part of each assistant turn is trained, as to thinking:
+
+    * a turn with reasoning: the think block (from ``<think>`` through ``</think>`` and the whitespace after it,
+      or the reasoning text alone where the template writes no tags) is trained with ``train_on_reasoning``;
+    * a turn without reasoning, which the template opens with an empty ``<think></think>`` block of its own: that
+      block is never trained, it is context (training begins at the answer after it).
+    """
+    spans, turns, opens = [], [], []
+    for (s, e), t, o in zip(rendered.spans, rendered.turns, rendered.opens_turn):
+        m = messages[t]
+        segment = rendered.text[s:e]
+        if m.reasoning:
+            at = segment.find(m.reasoning)
+            if at < 0:
+                raise DataError(f"message {t}: the chat template does not render this turn's reasoning")
+            if train_on_reasoning:
+                pieces = [(s, e, o)]
+            else:
+                opening = segment.rfind("<think>", 0, at)
+                block_start = opening if opening >= 0 else at
+                closing = segment.find("</think>", at + len(m.reasoning))
+                block_end = closing + len("</think>") if closing >= 0 else at + len(m.reasoning)
+                while block_end < len(segment) and segment[block_end].isspace():
+                    block_end += 1
+                pieces = [(s, s + block_start, o), (s + block_end, e, False)]
+        else:
+            empty = _EMPTY_THINK.match(segment)
+            pieces = [(s + empty.end(), e, False)] if empty else [(s, e, o)]
+        for a, b, op in pieces:
+            if b > a:
+                spans.append((a, b))
+                turns.append(t)
+                opens.append(op)
+    return Rendered(rendered.text, spans, turns, opens)
 
 
 # ---- built-in templates -------------------------------------------------------------------------------------
@@ -317,6 +467,9 @@ def load_template(spec: str | dict | None, tokenizer, *, system: str | None = No
         raise ConfigError(f"template: unknown template '{spec}'{hint} Built-in: {sorted(BUILTIN)}")
     if system is not None:
         t.default_system = system
+    if data_args is not None:
+        t.tool_format = data_args.tool_format
+    t.tool_mode()  # an unknown tool_format, or 'template' for a template without tool support, fails here
     return _finalize(t, tokenizer)
 
 

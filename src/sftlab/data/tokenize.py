@@ -45,9 +45,9 @@ def _prompt_ids_and_end(tokenizer, prompt_text: str) -> tuple[list[int], int]:
     return ids[:keep], end
 
 
-def encode_prompt(tokenizer, template: Template, messages: list[Message]) -> list[int]:
+def encode_prompt(tokenizer, template: Template, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
     """The ids the model is given to write the next assistant turn; a prefix of the training example's ids."""
-    return _prompt_ids_and_end(tokenizer, template.render_prompt(messages))[0]
+    return _prompt_ids_and_end(tokenizer, template.render_prompt(messages, tools))[0]
 
 
 def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
@@ -63,9 +63,7 @@ def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
                 k = rest[0]
                 ids = p_ids + ids[k:]
                 offs = [(0, 0)] * len(p_ids) + offs[k:]
-        last_start = rendered.spans[-1][0]
-        # Everything after the generation prompt up to the answer is produced by the model, hence trained.
-        spans = rendered.spans[:-1] + [(min(p_end, last_start), rendered.spans[-1][1])]
+        spans = _from_prompt_end(rendered, p_end)
     else:
         spans = rendered.spans
     labels = [IGNORE] * len(ids)
@@ -83,14 +81,45 @@ def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
     return Encoded(ids, labels)
 
 
-def encode_messages(tokenizer, template: Template, messages: list[Message], train_on: str = "completion") -> Encoded:
-    rendered = template.render(messages)
-    if train_on == "last_turn":
-        rendered = Rendered(rendered.text, rendered.spans[-1:])
-    elif train_on not in ("completion", "all"):
+def _from_prompt_end(rendered: Rendered, p_end: int) -> list[tuple[int, int]]:
+    """Spans with the final turn's first span reaching back to where the generation prompt's tokens end:
+    everything after the generation prompt up to the answer is produced by the model, hence trained."""
+    spans = list(rendered.spans)
+    turns = rendered.turns or list(range(len(spans)))
+    opens = rendered.opens_turn or [True] * len(spans)
+    for k, (s, e) in enumerate(spans):
+        if turns[k] == turns[-1] and opens[k]:
+            spans[k] = (min(p_end, s), e)
+            break
+    return spans
+
+
+def trained_turns(messages: list[Message], train_on: str) -> set[int]:
+    """Indices of the assistant messages whose text is trained: train_on's choice, overridden per message by its
+    own `train` flag (loss_weight / train fields)."""
+    if train_on not in ("completion", "last_turn", "all"):
         raise ConfigError(f"train_on: unknown value '{train_on}'; choose completion, last_turn or all")
-    return encode_rendered(tokenizer, rendered, train_all=train_on == "all",
-                           final_prompt_text=template.render_prompt(messages[:-1]))
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    out = set()
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            continue
+        default = train_on != "last_turn" or i == last
+        if (m.train if m.train is not None else default):
+            out.add(i)
+    return out
+
+
+def encode_messages(tokenizer, template: Template, messages: list[Message], train_on: str = "completion",
+                    tools: list[dict] | None = None, train_on_reasoning: bool = True) -> Encoded:
+    rendered = template.render(messages, tools, train_on_reasoning)
+    keep = trained_turns(messages, train_on)
+    picked = [k for k, t in enumerate(rendered.turns) if t in keep]
+    rendered = Rendered(rendered.text, [rendered.spans[k] for k in picked], [rendered.turns[k] for k in picked],
+                        [rendered.opens_turn[k] for k in picked])
+    final = len(messages) - 1
+    prompt_text = template.render_prompt(messages[:-1], tools) if final in keep else None
+    return encode_rendered(tokenizer, rendered, train_all=train_on == "all", final_prompt_text=prompt_text)
 
 
 def encode_text(tokenizer, text: str) -> Encoded:
