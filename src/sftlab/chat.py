@@ -19,7 +19,7 @@ from sftlab.data.templates import Message, Template
 from sftlab.data.tokenize import encode_prompt, stop_token_ids
 from sftlab.eval.generate import build_generation_config, cut_at_stop, model_device, pad_token_id
 
-__all__ = ["chat_loop", "generate_reply"]
+__all__ = ["chat_loop", "generate_reply", "load_for_chat"]
 
 RESET, EXIT = "/reset", "/exit"
 HELP = f"Chat started. {RESET} clears the conversation, {EXIT} (or Ctrl-D) leaves.\n"
@@ -53,6 +53,20 @@ def _make_streamer(tokenizer, out: TextIO, stop_ids: list[int]):
             out.flush()
 
     return _OutStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def load_for_chat(argv: list[str]):
+    """(model, tokenizer, template, config) for chatting with `--model_name_or_path` (an sftlab output dir uses the
+    template it was trained with); the same loading as `sftlab chat`."""
+    from sftlab.config import parse_config
+    from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
+    from sftlab.workflow import resolve_template
+
+    cfg = parse_config(argv)
+    path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
+    tok = load_tokenizer(path)
+    model, _ = load_model(cfg.model, None, for_training=False, bf16=cfg.training.bf16)
+    return model, tok, resolve_template(cfg, tok, path), cfg
 
 
 def generate_reply(

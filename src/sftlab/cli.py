@@ -19,6 +19,7 @@ commands:
   chat           interactive chat: sftlab chat --model OUTPUT_DIR
   export         merge a LoRA adapter: sftlab export --model OUTPUT_DIR --out DIR
   index          build a retrieval index: sftlab index --documents FILE --embedding_model NAME --out DIR
+  ui             local web app: sftlab ui [--workspace DIR] [--host 127.0.0.1] [--port 7860] [--token T]
 """
 
 
@@ -183,8 +184,30 @@ def cmd_index(argv: list[str]) -> int:
     return index_main(argv)
 
 
+def cmd_ui(argv: list[str]) -> int:
+    """The local web app (sftlab.ui): runs, curves, new runs, compare, chat."""
+    from sftlab.ui.app import serve
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: sftlab ui [--workspace DIR] [--host 127.0.0.1] [--port 7860] [--token TOKEN] "
+              "[--max_parallel_runs 1]\n  a host other than 127.0.0.1/localhost requires the access token "
+              "(generated and printed unless given)")
+        return 0
+    workspace = _pop_opt(argv, "workspace", ".")
+    host = _pop_opt(argv, "host", "127.0.0.1")
+    port = _pop_opt(argv, "port", "7860")
+    token = _pop_opt(argv, "token")
+    parallel = _pop_opt(argv, "max_parallel_runs", "1")
+    if argv:
+        raise ConfigError(f"sftlab ui: unexpected argument(s) {' '.join(argv)}")
+    if not port.isdigit() or not parallel.isdigit():
+        raise ConfigError("sftlab ui: --port and --max_parallel_runs take whole numbers")
+    serve(workspace, host=host, port=int(port), token=token, max_parallel=int(parallel))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "chat": cmd_chat, "export": cmd_export,
-            "data": cmd_data, "index": cmd_index}
+            "data": cmd_data, "index": cmd_index, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """`sftlab data preview`: the first N training examples exactly as the model sees them, trained tokens marked.
 
 Same config and flags as `sftlab train`, so what is previewed is what is trained. Text output wraps trained spans
-in colour on a terminal and in `[[...]]` otherwise; JSON output gives ids, labels, the decoded text and the decoded
-trained tokens."""
+in colour on a terminal and in `[[...]]` otherwise; JSON output gives ids, labels, the decoded text, the decoded
+trained tokens and the marked spans."""
 
 from __future__ import annotations
 
@@ -28,10 +28,21 @@ def _spans(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
     return runs
 
 
-def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
-    out = []
+def marked_spans(tokenizer, ids: list[int], labels: list[int]) -> list[dict]:
+    """Consecutive token runs as {"trained", "start", "end" (token positions), "text"}: what `render_marked` marks
+    and what the JSON output's "spans" hold (the web UI highlights these)."""
+    out, start = [], 0
     for trained, run in _spans(ids, labels):
         text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out.append({"trained": trained, "start": start, "end": start + len(run), "text": text})
+        start += len(run)
+    return out
+
+
+def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
+    out = []
+    for span in marked_spans(tokenizer, ids, labels):
+        trained, text = span["trained"], span["text"]
         if trained:
             out.append(f"{_ON}{text}{_OFF}" if color else f"[[{text}]]")
         else:
@@ -75,6 +86,7 @@ def preview(argv: list[str], n: int = 3, fmt: str = "text", out: TextIO = sys.st
                 "trained_text": tok.decode(trained_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
                 "prompt_tokens": len(enc.input_ids) - len(trained_ids), "trained_tokens": len(trained_ids),
                 "truncated": enc.truncated,
+                "spans": marked_spans(tok, enc.input_ids, enc.labels),
             }, ensure_ascii=False), file=out)
         else:
             print(f"\n=== example {k} ({where}, {f}): {len(enc.input_ids)} tokens, "
