@@ -18,6 +18,8 @@ commands:
   predict        evaluate/predict with a model or output dir: sftlab predict CONFIG_OR_OUTPUT_DIR [--key value]
   chat           interactive chat: sftlab chat --model OUTPUT_DIR
   export         merge a LoRA adapter: sftlab export --model OUTPUT_DIR --out DIR
+                 or a GGUF for llama.cpp/Ollama: sftlab export --model OUTPUT_DIR --format gguf
+                 [--quantization f16|q8_0|q4_k_m|...] --out FILE.gguf (docs/GGUF.md)
   index          build a retrieval index: sftlab index --documents FILE --embedding_model NAME --out DIR
   ui             local web app: sftlab ui [--workspace DIR] [--host 127.0.0.1] [--port 7860] [--token T]
 """
@@ -146,6 +148,11 @@ def cmd_export(argv: list[str]) -> int:
     from sftlab.workflow import check_writable, resolve_template
     from sftlab.data.templates import save_template
 
+    fmt = _pop_opt(argv, "format", "hf")
+    if fmt == "gguf":
+        return _export_gguf(argv)
+    if fmt != "hf":
+        raise ConfigError(f"--format: unknown '{fmt}'; choose hf (merged transformers directory) or gguf")
     model = _pop_opt(argv, "model")
     out = _pop_opt(argv, "out")
     if not model or not out:
@@ -161,6 +168,34 @@ def cmd_export(argv: list[str]) -> int:
     tok.save_pretrained(out)
     save_template(template, out)
     print(f"merged {model} into {base} -> {out} (loads with transformers' AutoModelForCausalLM)")
+    return 0
+
+
+def _export_gguf(argv: list[str]) -> int:
+    """Check everything, load (LoRA merged in fp32), write FILE.gguf and FILE.Modelfile beside it."""
+    from sftlab.config import parse_config
+    from sftlab.export.gguf import export_gguf, plan_export
+    from sftlab.export.modelfile import write_modelfile
+    from sftlab.export.chat_template import generation_prompt_tail
+    from sftlab.models.load import load_model, load_tokenizer
+    from sftlab.workflow import resolve_template
+
+    model = _pop_opt(argv, "model")
+    out = _pop_opt(argv, "out")
+    quantization = _pop_opt(argv, "quantization", "f16")
+    if not model or not out:
+        raise ConfigError("usage: sftlab export --model OUTPUT_DIR --format gguf [--quantization f16] --out FILE.gguf")
+    cfg = parse_config(["--model_name_or_path", model, *argv])
+    plan = plan_export(model, out, quantization, cfg.model.cache_dir)
+    m, _ = load_model(cfg.model, None, for_training=False, bf16=False)
+    tok = load_tokenizer(plan.tokenizer_path)
+    template = resolve_template(cfg, tok, plan.model_path)
+    path = export_gguf(plan, m, tok, template)
+    write_modelfile(plan.modelfile, path, template, generation_prompt_tail(template, tok), cfg.generating)
+    size = path.stat().st_size / 2**20
+    print(f"{model} -> {path} ({plan.quantization}, {size:.1f} MiB, chat template '{template.name}') and "
+          f"{plan.modelfile}\n  llama.cpp: llama-cli -m {path} --jinja   Ollama: ollama create NAME -f {plan.modelfile}"
+          f"\n  back into sftlab: sftlab chat --model {path}")
     return 0
 
 

@@ -3,7 +3,8 @@
 Dequantizing the GGUF takes ~15 s and `save_pretrained` refuses a GGUF-loaded model, so the first use converts it
 once into a plain safetensors directory under the cache; every later load reads that directory in seconds.
 The conversion writes into a temporary directory and renames it, so an interrupted conversion never leaves a
-half-written model that a later run would trust.
+half-written model that a later run would trust. A GGUF written by `sftlab export --format gguf` also brings back the
+sftlab template it was trained with (sftlab_template.json beside the converted model).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, tokenizer_only: bool = False) -
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
         tok.save_pretrained(tmp)
+        _save_sftlab_template(gguf_file, tmp)
         if not tokenizer_only:
             gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
             config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
@@ -69,6 +71,19 @@ def convert_gguf(gguf_file: Path, out_dir: Path, tokenizer_only: bool = False) -
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _save_sftlab_template(gguf_file: Path, out_dir: Path) -> None:
+    """A GGUF exported by sftlab carries the template it was trained with; later commands find it beside the
+    converted model, as they do beside any sftlab output."""
+    import json
+
+    from sftlab.data.templates import TEMPLATE_FILE
+    from sftlab.export.gguf import read_sftlab_template
+
+    saved = read_sftlab_template(gguf_file)
+    if saved is not None:
+        (out_dir / TEMPLATE_FILE).write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def bundled_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
