@@ -199,81 +199,21 @@ def newest_checkpoint(output_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def cpu_training_speedups(model, cfg: Config) -> list[str]:
-    """Speed-ups for training on CPU that leave the results as they are; returns what was done, for the log.
+def speed_up_for_cpu(model, cfg: Config):
+    """sftlab.accel's speed paths on CPU (same results); returns the batch hook for the trainer, or None."""
+    if cfg.training.device.type != "cpu":
+        return None
+    from sftlab.accel import AccelOptions, apply
 
-    * sdpa -> ``"sftlab_varlen"`` attention (see sftlab.train.attention): batches become one padding-free row and
-      attention runs per example, instead of over padding or one dense mask over a whole pack.
-    * Linear and LoRA layers run as one autograd function each (sftlab.train.linear): the same arithmetic as
-      autocast / peft's forward, with one bf16 copy of each layer input instead of one per projection, and
-      without peft's activation casts and full-width scaling. Llama-style RMSNorms (sftlab.train.norm) and
-      rotary embeddings (sftlab.train.rotary) likewise; gated MLPs keep two of their four activations
-      (sftlab.train.swiglu).
-    * Under bf16 autocast, LoRA's frozen linear weights are stored in bf16:
-      autocast would round them to bf16 for every matmul of every step anyway, so the numbers are the same and the
-      per-step fp32 -> bf16 copies go away. Trained weights, the embedding / tied LM head and norms stay fp32.
-    * glibc keeps freed memory for the next step instead of unmapping it, and weights still backed by the
-      checkpoint's file mapping are copied out so the mapping goes (sftlab.train.allocator).
-    * sftlab's native kernels (sftlab.train.native) are built now, if not cached, rather than in the first step.
-    """
-    import torch
-
-    from sftlab.train import native
-    from sftlab.train.allocator import own_file_backed_tensors, retain_freed_memory
-    from sftlab.train.attention import register_varlen_attention
-    from sftlab.train.linear import use_fused_linears
-    from sftlab.train.loss import unwrap_model
-    from sftlab.train.norm import use_fused_rms_norms
-    from sftlab.train.rotary import use_fused_rotary
-    from sftlab.train.swiglu import use_fused_swiglu
-
-    done: list[str] = []
-    t = cfg.training
-    if t.device.type != "cpu":
-        return done
-    base = unwrap_model(model)
-    if getattr(base.config, "_attn_implementation", None) == "sdpa":
-        base.set_attn_implementation(register_varlen_attention())
-        done.append("per-example (varlen) attention on padding-free batches")
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    n_lora, n_plain = use_fused_linears(model, skip=(head,) if head is not None else ())
-    if n_lora or n_plain:
-        done.append(f"{n_lora} LoRA and {n_plain} plain linear layers as fused autograd functions")
-    n_norms = use_fused_rms_norms(model)
-    if n_norms:
-        done.append(f"{n_norms} RMSNorm layers as fused autograd functions")
-    n_mlps = use_fused_swiglu(model)
-    if n_mlps:
-        done.append(f"{n_mlps} gated MLPs keep gate and up only for backward (silu and product recomputed)")
-    for name in use_fused_rotary(model):
-        done.append(f"rotary embedding of {name} as a fused autograd function")
-    # LoRA only: freeze saves the whole model, and its frozen layers must be written back exactly as loaded.
-    if t.bf16 and cfg.finetuning.finetuning_type == "lora":
-        n = 0
-        for module in model.modules():
-            if type(module) is not torch.nn.Linear or module is head or module.weight.requires_grad:
-                continue
-            if head is not None and module.weight is head.weight:
-                continue
-            module.weight.data = module.weight.data.to(torch.bfloat16)
-            if module.bias is not None and not module.bias.requires_grad:
-                module.bias.data = module.bias.data.to(torch.bfloat16)
-            n += 1
-        if n:
-            done.append(f"{n} frozen linear weights stored in bf16")
-    config = base.config
-    head_dim = getattr(config, "head_dim", None) or (
-        config.hidden_size // config.num_attention_heads if getattr(config, "num_attention_heads", 0) else None)
-    if native.prepare(head_dim):
-        done.append("native CPU kernels (attention, gated MLP, RMSNorm, rotary) built or loaded from the cache")
-    else:
-        done.append("native CPU kernels not available here (see the warning, if any): torch's ops instead")
-    n_owned = own_file_backed_tensors(model)
-    if n_owned:
-        done.append(f"{n_owned} tensors copied out of the checkpoint's file mapping (so the mapping is released)")
-    if retain_freed_memory():
-        done.append("freed memory kept for the next step (glibc mallopt)")
-    return done
+    options = AccelOptions(
+        pad_tokens_to_multiple_of=cfg.finetuning.pad_tokens_to_multiple_of,
+        # LoRA only: freeze saves the whole model, and its frozen layers must be written back exactly as loaded.
+        store_frozen_in_bf16=cfg.training.bf16 and cfg.finetuning.finetuning_type == "lora",
+    )
+    applied = apply(model, options)
+    for line in applied.changes:
+        log(line)
+    return applied.batch_hook
 
 
 # ---- the workflow ---------------------------------------------------------------------------------------------
@@ -321,8 +261,7 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         trainable, total = count_parameters(model)
         log(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, "
             f"{cfg.finetuning.finetuning_type}); bf16 autocast {'on' if t.bf16 else 'off'}")
-        for line in cpu_training_speedups(model, cfg):
-            log(line)
+    batch_hook = speed_up_for_cpu(model, cfg) if t.do_train else None
 
     trainer_box: list = []
     cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
@@ -340,7 +279,7 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         processing_class=tokenizer, callbacks=cbs,
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
         max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward,
-        pad_tokens_to_multiple_of=cfg.finetuning.pad_tokens_to_multiple_of,
+        batch_hook=batch_hook,
     )
     trainer_box.append(trainer)
 

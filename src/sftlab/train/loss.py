@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sftlab.data.collator import pad_flat_batch
 from sftlab.errors import ConfigError
-from sftlab.train.attention import VARLEN_ATTENTION
 
 IGNORE_INDEX = -100
 # Batch keys that go to the model; everything else (labels, shift_labels, seq_lens...) stays out so the model
@@ -112,12 +110,6 @@ def _model_inputs(base: torch.nn.Module, inputs: dict, dtype: torch.dtype) -> di
     model_inputs = {k: inputs[k] for k in MODEL_INPUT_KEYS if k in inputs and inputs[k] is not None}
     mask = model_inputs.get("attention_mask")
     impl = getattr(base.config, "_attn_implementation", None)
-    if impl == VARLEN_ATTENTION and mask is None and "cu_seq_lens_q" in model_inputs:
-        # An all-ones 2-D mask tells transformers there is no padding, so it builds no mask (instead of detecting
-        # the packed row from its positions and building a dense N x N one); the varlen attention uses
-        # cu_seq_lens_q to keep attention inside each example.
-        ids = model_inputs["input_ids"]
-        model_inputs["attention_mask"] = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool:
         if impl == "eager":
             # Eager attention *adds* the mask to the scores, so it needs an additive float mask.
@@ -311,7 +303,6 @@ def compute_sft_loss(
     chunk_size: int = 1024,
     return_correct: bool = False,
     recompute_chunks: bool = True,
-    pad_to_multiple_of: int = 0,
 ) -> LossParts:
     """Sum of next-token cross-entropy over positions with ``shift_labels != -100``, computed chunk-wise.
 
@@ -320,9 +311,7 @@ def compute_sft_loss(
     are projected to the vocabulary at a time; ``recompute_chunks`` recomputes each chunk's logits in backward
     (activation checkpointing) instead of storing them; it only matters where the fused path (training with a
     plain linear head, see ``fused_linear_cross_entropy``) does not apply. A batch without trained tokens gives a zero
-    ``loss_sum`` that is still connected to the graph (zero, finite gradients). ``pad_to_multiple_of``: a
-    padding-free batch under sftlab's per-example attention is first padded to a multiple of that many tokens
-    (``sftlab.data.collator.pad_flat_batch``; see ``FinetuningArguments.pad_tokens_to_multiple_of`` for why).
+    ``loss_sum`` that is still connected to the graph (zero, finite gradients).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -332,11 +321,6 @@ def compute_sft_loss(
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
     base = unwrap_model(model)
-    if (pad_to_multiple_of and pad_to_multiple_of > 1 and "cu_seq_lens_q" in inputs
-            and shift_labels.shape[0] == 1 and getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION):
-        # Per-example attention keeps the padding segment apart, so the real tokens' results are unchanged.
-        inputs = pad_flat_batch(dict(inputs, shift_labels=shift_labels), pad_to_multiple_of)
-        shift_labels = inputs["shift_labels"]
     decoder, lm_head, softcap = _head_parts(base)
     model_inputs = _model_inputs(base, inputs, next(base.parameters()).dtype)
     _check_attention(base, model_inputs, shift_labels.shape[0])

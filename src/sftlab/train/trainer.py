@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from transformers import Trainer
@@ -48,25 +49,27 @@ class SFTTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss_chunk_size: int = 1024, compute_accuracy: bool = True,
-                 max_tokens_per_forward: int | None = None, pad_tokens_to_multiple_of: int = 0, **kwargs):
+                 max_tokens_per_forward: int | None = None, batch_hook: Callable[[dict], dict] | None = None,
+                 **kwargs):
+        """``batch_hook``: called on the inputs of every forward pass (after a token-budget split), before the
+        loss; it may reshape the batch (e.g. pad it, see ``sftlab.accel``) but must not change the results."""
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
         self.max_tokens_per_forward = max_tokens_per_forward
-        self.pad_tokens_to_multiple_of = pad_tokens_to_multiple_of
+        self.batch_hook = batch_hook
         self.compute_accuracy = compute_accuracy
         self.tokens_seen = 0  # non-pad tokens, this rank
         self.trained_tokens_seen = 0  # tokens with a label, this rank
         self._eval_sums = None
-        self._heap_prefaulted = False
         # Trainer only counts num_items_in_batch when it believes the model takes loss kwargs; we always want it.
         self.model_accepts_loss_kwargs = True
 
     # ---- training --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size,
-                                 pad_to_multiple_of=self.pad_tokens_to_multiple_of)
         if model.training:
             self.tokens_seen += real_token_count(inputs)
+        parts = compute_sft_loss(model, self._shaped(inputs), chunk_size=self.loss_chunk_size)
+        if model.training:
             self.trained_tokens_seen += int(parts.n_tokens)
         if num_items_in_batch is not None:
             denom = num_items_in_batch
@@ -81,27 +84,11 @@ class SFTTrainer(Trainer):
             loss = parts.loss_sum / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
         return (loss, None) if return_outputs else loss
 
-    def _prefault_once(self, model, n_tokens: int) -> None:
-        """Before the first training pass on CPU, touch the heap memory it will need (see
-        ``sftlab.train.allocator.prefault_heap``): an estimate from the pass's tokens and the model's size, kept
-        below what the pass allocates so the run's peak memory stays where it was."""
-        if self._heap_prefaulted:
-            return
-        self._heap_prefaulted = True
-        if self.args.device.type != "cpu":
-            return
-        from sftlab.train.allocator import PREFAULT_BYTES_PER_UNIT, prefault_heap
-        from sftlab.train.loss import unwrap_model
-
-        config = getattr(unwrap_model(model), "config", None)
-        layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
-        if layers and hidden:
-            prefault_heap(n_tokens * layers * hidden * PREFAULT_BYTES_PER_UNIT)
+    def _shaped(self, inputs: dict) -> dict:
+        return self.batch_hook(inputs) if self.batch_hook is not None else inputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         budget = self.max_tokens_per_forward
-        n_tokens = int(inputs["input_ids"].numel())
-        self._prefault_once(model, min(n_tokens, budget) if budget else n_tokens)
         # Padding-free batches over the token budget run as several forward/backward passes: the loss is divided
         # by the whole step's token count, so the summed gradients are the step's, and activation memory is that
         # of one piece. Single process only (DDP would all-reduce after every backward).
@@ -132,8 +119,8 @@ class SFTTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            parts = compute_sft_loss(model, inputs, chunk_size=self.loss_chunk_size, return_correct=True,
-                                     pad_to_multiple_of=self.pad_tokens_to_multiple_of)
+            parts = compute_sft_loss(model, self._shaped(inputs), chunk_size=self.loss_chunk_size,
+                                     return_correct=True)
         sums = self._eval_sums
         if sums is not None:
             sums += torch.stack([parts.loss_sum.detach().double(), parts.n_tokens.double(),

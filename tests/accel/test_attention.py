@@ -1,4 +1,4 @@
-"""sftlab.train.attention's one-node varlen function against causal sdpa run on each example alone."""
+"""sftlab.accel.attention's one-node varlen function against causal sdpa run on each example alone."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sftlab.train.attention as attention
-from sftlab.train.attention import varlen_attention_forward
+import sftlab.accel.attention as attention
+from sftlab.accel.attention import varlen_attention_forward
 
 LENGTHS = (5, 0, 1, 12, 7)  # an empty example and a one-token one included
 # Examples of similar lengths run as one batched kernel call, the shorter ones zero-padded: [12, 12, 11, 10], [3]

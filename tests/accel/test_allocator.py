@@ -1,4 +1,4 @@
-"""sftlab.train.allocator: weights copied out of the checkpoint's file mapping, bit for bit, and the mapping gone."""
+"""sftlab.accel.allocator: weights copied out of the checkpoint's file mapping, bit for bit, and the mapping gone."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sftlab.train.allocator import _file_mapped_ranges, own_file_backed_tensors
+from sftlab.accel.allocator import _file_mapped_ranges, own_file_backed_tensors
 from tests.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -48,7 +48,7 @@ def test_weights_leave_the_file_mapping_unchanged(tmp_path):
 _FRESH_HEAP = """
 import ctypes, json
 import torch
-import sftlab.train.allocator as allocator
+import sftlab.accel.allocator as allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -82,14 +82,15 @@ def test_prefaulted_heap_memory_stays_in_the_process():
 
 
 def test_trainer_prefaults_once_from_the_first_pass_and_the_model_size(tmp_path, monkeypatch):
-    """SFTTrainer touches (tokens of the first pass, at most the token budget) x layers x hidden x
-    PREFAULT_BYTES_PER_UNIT bytes, once, before the first training pass."""
-    import sftlab.train.allocator as allocator
+    """accel's batch hook touches (tokens of the first pass, cut to the token budget by the trainer) x layers x
+    hidden x PREFAULT_BYTES_PER_UNIT bytes, once, before the first training pass."""
+    import sftlab.accel.allocator as allocator
     from tests.train.test_fast_paths import _features, _model
     from transformers import TrainingArguments
 
     from sftlab.data.collator import SFTCollator
-    from sftlab.train.attention import VARLEN_ATTENTION, register_varlen_attention
+    from sftlab.accel.attention import VARLEN_ATTENTION, register_varlen_attention
+    from sftlab.accel.setup import BatchHook
     from sftlab.train.trainer import CountingCollator, SFTTrainer
     from sftlab.workflow import ListDataset
 
@@ -103,7 +104,10 @@ def test_trainer_prefaults_once_from_the_first_pass_and_the_model_size(tmp_path,
                              disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ListDataset(feats),
                          data_collator=CountingCollator(SFTCollator(0, mask_mode="flatten")),
-                         max_tokens_per_forward=12)
+                         max_tokens_per_forward=12, batch_hook=BatchHook(model))
+    passes = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: passes.append(kw["input_ids"].shape[1]), with_kwargs=True)
     trainer.train()
     config = model.config
-    assert calls == [12 * config.num_hidden_layers * config.hidden_size * allocator.PREFAULT_BYTES_PER_UNIT]
+    assert len(passes) > 2  # several passes per step (whole examples: one longer than the budget is a pass)
+    assert calls == [passes[0] * config.num_hidden_layers * config.hidden_size * allocator.PREFAULT_BYTES_PER_UNIT]

@@ -1,4 +1,4 @@
-"""sftlab.train.linear against peft's own LoRA forward and nn.Linear under autocast: same outputs and gradients,
+"""sftlab.accel.linear against peft's own LoRA forward and nn.Linear under autocast: same outputs and gradients,
 and peft's path wherever the fused function does not apply."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sftlab.data.collator import SFTCollator
-from sftlab.train.linear import linear, use_fused_linears
+from sftlab.accel.linear import linear, use_fused_linears
 from sftlab.train.loss import compute_sft_loss
 from tests.helpers import tiny_llama_config
 
@@ -110,7 +110,7 @@ def test_lora_linear_function_against_the_formula():
 
 
 def _calls_fused(model, batch) -> bool:
-    import sftlab.train.linear as mod
+    import sftlab.accel.linear as mod
 
     seen = []
     original = mod._Linear.apply
@@ -182,7 +182,7 @@ def test_fused_plain_linears_match_autocast_linears(autocast):
 
 
 def test_cast_cache_shares_one_copy_per_input_and_sees_in_place_edits():
-    from sftlab.train.linear import _CastCache
+    from sftlab.accel.linear import _CastCache
 
     cache = _CastCache()
     x = torch.randn(2, 3, 4)

@@ -1,13 +1,13 @@
-"""sftlab's native RMSNorm and rotary kernels (elementwise_cpu.c via sftlab.train.native) against the formulas."""
+"""sftlab's native RMSNorm and rotary kernels (elementwise_cpu.c via sftlab.accel.native) against the formulas."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import sftlab.train.norm as norm
-import sftlab.train.rotary as rotary
-from sftlab.train import native
+import sftlab.accel.norm as norm
+import sftlab.accel.rotary as rotary
+from sftlab.accel import native
 
 from .test_native_attention import needs_native
 

@@ -1,4 +1,4 @@
-"""sftlab.train.swiglu against the gated MLP it replaces: bit-identical outputs and gradients with torch's ops,
+"""sftlab.accel.swiglu against the gated MLP it replaces: bit-identical outputs and gradients with torch's ops,
 less kept for backward, and the module's own forward where the function does not apply. (The native elementwise
 kernel, which rounds once where torch's bf16 ops round twice, is tested in test_native_swiglu.py.)"""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import sftlab.train.swiglu as S
-from sftlab.train.swiglu import swiglu, use_fused_swiglu
+import sftlab.accel.swiglu as S
+from sftlab.accel.swiglu import swiglu, use_fused_swiglu
 from tests.helpers import tiny_llama_config
 
 
@@ -88,7 +88,7 @@ def test_other_activations_keep_their_forward():
 def test_mlp_with_fused_down_projection_is_bit_identical(kind, autocast, monkeypatch):
     """With the projections on sftlab's fused linear path, the MLP runs silu * up and the down projection as one
     function (product recomputed in backward): the same bits as the module's own forward over the same linears."""
-    from tests.train.test_linear import _batch, _fuse, _loss_and_grads, _lora_model, _plain_model
+    from tests.accel.test_linear import _batch, _fuse, _loss_and_grads, _lora_model, _plain_model
 
     results = []
     for fuse_mlp in (False, True):
@@ -121,7 +121,7 @@ def _down_fused_calls(model, monkeypatch) -> int:
 
 def test_mlp_with_fused_down_projection_keeps_two_activations():
     """gate and up only: the product that feeds the down projection is not kept either."""
-    from tests.train.test_linear import _fuse, _plain_model
+    from tests.accel.test_linear import _fuse, _plain_model
 
     model = _plain_model()
     _fuse(model)

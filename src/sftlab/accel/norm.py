@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from sftlab.train import native
-from sftlab.train.linear import swap_forward
+from sftlab.accel import native
+from sftlab.accel.linear import swap_forward
 
 # Classes whose forward is: x.float(); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(input dtype).
 RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}

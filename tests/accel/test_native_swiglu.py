@@ -1,4 +1,4 @@
-"""sftlab's native gated-MLP kernel (swiglu_cpu.c via sftlab.train.native) against the formula.
+"""sftlab's native gated-MLP kernel (swiglu_cpu.c via sftlab.accel.native) against the formula.
 
 It computes silu(gate) * up and both gradients in fp32 and rounds once to the tensors' dtype; torch's bf16 ops
 round silu(gate) first. So in fp32 it matches the fp64 formula to fp32 rounding, and in bf16 it is within one
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sftlab.train.swiglu as S
-from sftlab.train import native
-from sftlab.train.swiglu import swiglu, use_fused_swiglu
+import sftlab.accel.swiglu as S
+from sftlab.accel import native
+from sftlab.accel.swiglu import swiglu, use_fused_swiglu
 
 from .test_native_attention import needs_native
 
@@ -73,7 +73,7 @@ def test_native_swiglu_in_bf16_is_within_one_rounding_and_no_worse_than_torch(mo
 
 
 def test_fused_mlp_with_native_kernel_matches_the_module_in_fp32():
-    from tests.train.test_linear import _batch, _fuse, _loss_and_grads, _lora_model
+    from tests.accel.test_linear import _batch, _fuse, _loss_and_grads, _lora_model
 
     results = []
     for fuse_mlp in (False, True):

@@ -1,11 +1,11 @@
-"""sftlab.train.rotary against transformers' apply_rotary_pos_emb."""
+"""sftlab.accel.rotary against transformers' apply_rotary_pos_emb."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sftlab.train.rotary import _fused, rotate, use_fused_rotary
+from sftlab.accel.rotary import _fused, rotate, use_fused_rotary
 from tests.helpers import tiny_llama_config
 
 

@@ -1,4 +1,4 @@
-"""sftlab.train.norm against transformers' own RMSNorm: same outputs and gradients, original path where the
+"""sftlab.accel.norm against transformers' own RMSNorm: same outputs and gradients, original path where the
 fused one does not apply."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sftlab.train.norm import rms_norm, use_fused_rms_norms
+from sftlab.accel.norm import rms_norm, use_fused_rms_norms
 from tests.helpers import tiny_llama_config
 
 

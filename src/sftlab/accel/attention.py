@@ -8,7 +8,7 @@ runs causal attention per example instead (work = sum of squared example lengths
 autograd node per layer (``_VarlenAttention``), keeping for backward only what the kernels need at the size it
 already has (see the class).
 
-Kernels: sftlab's own (``attention_cpu.c``, built by ``sftlab.train.native``) where they build, else torch's CPU
+Kernels: sftlab's own (``attention_cpu.c``, built by ``sftlab.accel.native``) where they build, else torch's CPU
 flash kernels. On a CPU with AMX under bf16 autocast, forward and backward are bf16 tile products with fp32
 accumulation and an fp32 softmax, the arithmetic of torch's bf16 kernels (P and dS rounded to bf16 for their
 products), on whole (example, head) items with no per-call overhead: on the benchmark's lengths a layer's
@@ -35,7 +35,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from sftlab.train import native
+from sftlab.accel import native
 
 VARLEN_ATTENTION = "sftlab_varlen"
 FP32_BELOW = 448
@@ -209,7 +209,7 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _native_kernels(query, key, value, out, in_dtypes):
-    """sftlab's native attention library (``sftlab.train.native``) where it applies to these tensors, else None:
+    """sftlab's native attention library (``sftlab.accel.native``) where it applies to these tensors, else None:
     bf16 / fp32 tensors with a contiguous last dimension, gradients wanted in bf16 / fp32, on the CPU."""
     tensors = (query, key, value, out)
     if not all(t.dtype in _NATIVE_DTYPES and t.stride(-1) == 1 and t.device.type == "cpu" for t in tensors):

@@ -10,7 +10,7 @@ kernel builds (``elementwise_cpu.c``), each direction is one pass in fp32 arithm
 dtype (torch's bf16 ops round ``silu(gate)`` before the product): within one rounding of the exact value, never
 further from it than torch's ops (test), 7 passes over the activations per layer and step down to 3.
 
-When the down projection is on sftlab's fused linear path (``sftlab.train.linear``, LoRA or not), the product
+When the down projection is on sftlab's fused linear path (``sftlab.accel.linear``, LoRA or not), the product
 ``silu(gate) * up`` is that projection's input, which it would keep as well; ``_SwiGLUDown`` runs both as one
 function and recomputes the product in backward too: 6 KiB less per token per layer in all, the same ops and
 dtypes, so again bit-identical with torch's ops (test).
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftlab.train import native
-from sftlab.train.linear import cast_params, fused_parts, project, project_backward, swap_forward
+from sftlab.accel import native
+from sftlab.accel.linear import cast_params, fused_parts, project, project_backward, swap_forward
 
 # Classes whose forward is exactly: down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from sftlab.train import native
+from sftlab.accel import native
 
 # Attention classes whose module-level apply_rotary_pos_emb is the rotate_half formula above (unsqueeze_dim=1).
 ROTARY_ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}

@@ -93,7 +93,7 @@ def own_file_backed_tensors(model) -> int:
     returns how many.
 
     transformers maps safetensors files and keeps each file's mapping while any tensor loaded from it lives.
-    In a LoRA run most weights are replaced (bf16 copies, see workflow.cpu_training_speedups), but the frozen
+    In a LoRA run most weights are replaced (bf16 copies, see sftlab.accel.setup), but the frozen
     embedding keeps the whole mapping, and every page the load and the conversion touched stays resident: 405 MiB
     of RSS for SmolLM2-135M, next to the 113 MiB embedding that is actually still read. Copying the survivors
     (the same values, bit for bit) lets the mapping go."""

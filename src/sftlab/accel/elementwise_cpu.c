@@ -1,7 +1,7 @@
 /* Memory-bound layer pieces in one pass each (sftlab): the gated MLP's silu(gate) * up, the rotary embedding and
  * RMSNorm, forward and backward.
  *
- * Built and loaded by sftlab/train/native.py; used by sftlab/train/swiglu.py, rotary.py and norm.py. Each of
+ * Built and loaded by sftlab/accel/native.py; used by sftlab/accel/swiglu.py, rotary.py and norm.py. Each of
  * these is several torch ops, every one a full pass over the activations (plus dispatch); here each direction is
  * one pass, parallel over rows with OpenMP (torch's threads).
  *

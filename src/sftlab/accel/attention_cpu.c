@@ -1,7 +1,7 @@
 /* Causal attention backward for variable-length examples on x86 CPUs with AVX-512 (sftlab).
  *
- * Built and loaded by sftlab/train/native.py (gcc -O3 -march=native -fopenmp, one library per head dimension:
- * -DHEAD_DIM=N); used by sftlab/train/attention.py. Why it exists: torch's CPU flash-attention backward runs
+ * Built and loaded by sftlab/accel/native.py (gcc -O3 -march=native -fopenmp, one library per head dimension:
+ * -DHEAD_DIM=N); used by sftlab/accel/attention.py. Why it exists: torch's CPU flash-attention backward runs
  * at ~60-90 GFLOP/s on SFT-length examples (tens to hundreds of tokens), where per-block gemm calls and
  * threads left idle dominate; this kernel works on one whole (example, query head) at a time with register-
  * blocked AVX-512 loops and reaches 2-3.5x its speed at those lengths (measured in benchmarks/README.md).

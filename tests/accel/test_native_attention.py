@@ -1,4 +1,4 @@
-"""sftlab's native attention backward (attention_cpu.c via sftlab.train.native) against causal sdpa per example.
+"""sftlab's native attention backward (attention_cpu.c via sftlab.accel.native) against causal sdpa per example.
 
 The kernel needs Linux x86-64 with AVX-512 and a C compiler; where both are present it must build and load (the
 first test), so a broken build fails here instead of silently falling back to torch's kernels.
@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 
-import sftlab.train.attention as attention
-from sftlab.train import native
-from sftlab.train.attention import varlen_attention_forward
+import sftlab.accel.attention as attention
+from sftlab.accel import native
+from sftlab.accel.attention import varlen_attention_forward
 
 from .test_attention import _cu, _qkv, _reference, _run
 
