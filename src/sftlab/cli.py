@@ -15,6 +15,8 @@ USAGE = """usage: sftlab <command> [CONFIG.yaml] [--key value ...]
 commands:
   train          fine-tune (sftlab train -h lists every option, TrainingArguments included)
   data preview   show what exactly is trained: sftlab data preview [CONFIG] [--n N] [--format text|json]
+  data report    lengths, truncation, duplicates, contamination and cost: sftlab data report [CONFIG] [--out DIR]
+                 [--dedup] [--no_probe]
   predict        evaluate/predict with a model or output dir: sftlab predict CONFIG_OR_OUTPUT_DIR [--key value]
   chat           interactive chat: sftlab chat --model OUTPUT_DIR
   export         merge a LoRA adapter: sftlab export --model OUTPUT_DIR --out DIR
@@ -199,9 +201,45 @@ def _export_gguf(argv: list[str]) -> int:
     return 0
 
 
+REPORT_USAGE = ("usage: sftlab data report [CONFIG.yaml] [--key value ...] [--out DIR] [--dedup] [--no_probe]\n"
+                "  the config and flags of `sftlab train`; writes DIR/data_report.md, data_report.json and figures")
+
+
+def cmd_data_report(argv: list[str]) -> int:
+    from sftlab.config import parse_config
+    from sftlab.report import data_report, write_report
+
+    if "-h" in argv or "--help" in argv:
+        print(REPORT_USAGE)
+        return 0
+    out = _pop_opt(argv, "out", "data_report")
+    flags = {name: _pop_flag(argv, name) for name in ("dedup", "no_probe")}
+    cfg = parse_config(argv)
+    report = data_report(cfg, out_dir=out, dedup=flags["dedup"], probe=not flags["no_probe"],
+                         log=lambda s: print(f"[sftlab] {s}", flush=True))
+    paths = write_report(report, out)
+    for line in report.summary_lines():
+        print(line)
+    print(f"report: {paths['markdown']} (every number in {paths['json']})")
+    return 0
+
+
+def _pop_flag(argv: list[str], name: str) -> bool:
+    """Remove a bare --name (or --name true/false) from argv and return its value."""
+    for i, a in enumerate(argv):
+        if a == f"--{name}":
+            value = argv[i + 1].lower() if i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false") else None
+            del argv[i:i + (2 if value else 1)]
+            return value != "false"
+    return False
+
+
 def cmd_data(argv: list[str]) -> int:
+    if argv and argv[0] == "report":
+        return cmd_data_report(argv[1:])
     if not argv or argv[0] != "preview":
-        raise ConfigError("usage: sftlab data preview [CONFIG.yaml] [--key value ...] [--n N] [--format text|json]")
+        raise ConfigError("usage: sftlab data preview [CONFIG.yaml] [--key value ...] [--n N] [--format text|json]\n"
+                          "       " + REPORT_USAGE.split("\n")[0].removeprefix("usage: "))
     from sftlab.preview import preview
 
     argv = argv[1:]

@@ -70,6 +70,36 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+ESTIMATE_FILE = "sftlab_estimate.json"  # written by `sftlab data report` or, failing that, before training
+
+
+def _closeness(estimate: float | None, measured: float | None) -> str:
+    if not estimate or not measured:
+        return "-"
+    return f"{(estimate - measured) / measured:+.0%}"
+
+
+def estimate_vs_run(output_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    """Model-card lines comparing the recorded cost estimate with what this run measured."""
+    path = Path(output_dir) / ESTIMATE_FILE
+    if not path.is_file():
+        return []
+    try:
+        est = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    peak_mb = metrics.get("train_peak_rss_mb")
+    est_mb = est["peak_memory_bytes"] / 2**20 if est.get("peak_memory_bytes") else None
+    runtime = metrics.get("train_runtime")
+    rows = [("peak memory (MiB, RSS)", est_mb, peak_mb), ("train_runtime (s)", est.get("train_seconds"), runtime)]
+    lines = ["## Estimate vs this run", "", f"Estimated by {est.get('source', 'sftlab')} before training.", "",
+             "| | estimate | measured | estimate off by |", "| --- | --- | --- | --- |"]
+    for name, e, m in rows:
+        lines.append(f"| {name} | {'-' if e is None else round(e, 1)} | {'-' if m is None else round(m, 1)} | "
+                     f"{_closeness(e, m)} |")
+    return lines + [""]
+
+
 def write_model_card(output_dir: str | Path, cfg, base_model: str, template_name: str, metrics: dict[str, Any],
                      data_summaries: list[str]) -> Path:
     """README.md: what was trained on what, how, with which result, and how to load it without sftlab."""
@@ -125,6 +155,7 @@ def write_model_card(output_dir: str | Path, cfg, base_model: str, template_name
         *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))],
         "",
     ]
+    lines += estimate_vs_run(out, metrics)
     if (out / "training_loss.png").is_file():
         lines += ["![training loss](training_loss.png)", ""]
     lines += ["## Use it", "", "```python"]

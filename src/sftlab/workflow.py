@@ -255,6 +255,10 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         log(f"[test] {len(predict_items)} prompts for prediction")
 
     resume = find_resume_checkpoint(cfg) if t.do_train else None
+    if t.do_train and data.train:
+        from sftlab.report import ensure_run_estimate
+
+        ensure_run_estimate(cfg, data.train)  # what the model card compares this run with
     set_seed(t.seed)  # LoRA initialisation draws random numbers: the same --seed must give the same adapter
     model, base_path = load_model(cfg.model, cfg.finetuning, for_training=t.do_train)
     if t.do_train:
@@ -311,7 +315,10 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         tokens, trained = trainer.global_token_counts()
         runtime = result.metrics.get("train_runtime", time.time() - started)
         train_metrics = dict(result.metrics)
+        from sftlab.train.probe import peak_rss_bytes
+
         train_metrics.update(
+            train_peak_rss_mb=round(peak_rss_bytes() / 2**20, 1),
             train_tokens=tokens, train_trained_tokens=trained,
             train_tokens_per_second=round(tokens / max(runtime, 1e-9), 2),
             train_target_tokens_per_second=round(trained / max(runtime, 1e-9), 2),

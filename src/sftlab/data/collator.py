@@ -189,19 +189,10 @@ def split_flat_batch(batch: dict, max_tokens: int) -> list[dict]:
     piece. Running the pieces one after another and adding their gradients is the same step as the whole batch
     when the loss is normalized by the step's token count, with activation memory bounded by the budget.
     """
-    if max_tokens < 1:
-        raise ConfigError(f"max_tokens must be >= 1; got {max_tokens}")
     bounds = batch["cu_seq_lens_q"].tolist()
-    if bounds[-1] <= max_tokens:
+    spans = split_spans(bounds, max_tokens)
+    if len(spans) == 1:
         return [batch]
-    spans: list[tuple[int, int]] = []
-    start = last = 0
-    for b in bounds[1:]:
-        if b - start > max_tokens and last > start:
-            spans.append((start, last))
-            start = last
-        last = b
-    spans.append((start, bounds[-1]))
     per_row = ("input_ids", "labels", "shift_labels", "position_ids")
     pieces = []
     extra = {k: v for k, v in batch.items() if k not in per_row and not k.startswith(("cu_seq_lens", "max_length"))}
@@ -215,6 +206,25 @@ def split_flat_batch(batch: dict, max_tokens: int) -> list[dict]:
         piece.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t.clone(), max_length_q=longest, max_length_k=longest)
         pieces.append(piece)
     return pieces
+
+
+def split_spans(bounds: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges (start, end) of the pieces `split_flat_batch` cuts a batch into, from the examples' cumulative
+    boundaries (``cu_seq_lens``): whole examples in order, at most ``max_tokens`` per piece unless one example alone
+    is longer."""
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1; got {max_tokens}")
+    if bounds[-1] <= max_tokens:
+        return [(0, bounds[-1])]
+    spans: list[tuple[int, int]] = []
+    start = last = 0
+    for b in bounds[1:]:
+        if b - start > max_tokens and last > start:
+            spans.append((start, last))
+            start = last
+        last = b
+    spans.append((start, bounds[-1]))
+    return spans
 
 
 def pad_flat_batch(batch: dict, multiple: int, pad_token_id: int = 0) -> dict:

@@ -90,8 +90,9 @@ def load_rows(files: list[str], dataset_format: str | None, column_mapping: dict
     return out
 
 
-def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSettings) -> tuple[Encoded | None, str | None]:
-    """One row -> (example, None) or (None, reason it was dropped)."""
+def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSettings,
+               with_answer_mask: bool = False) -> tuple[Encoded | None, str | None]:
+    """One row -> (example, None) or (None, reason it was dropped). `with_answer_mask`: see `Encoded`."""
     if fmt == "text":
         enc = encode_text(tokenizer, F.row_text(row))
         if len(enc.input_ids) > s.cutoff_len:
@@ -103,7 +104,8 @@ def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
         return enc, None
     messages = F.to_messages(fmt, row, s.options)
     tools = F.row_tools(row)
-    enc = encode_messages(tokenizer, template, messages, s.train_on, tools, s.train_on_reasoning)
+    enc = encode_messages(tokenizer, template, messages, s.train_on, tools, s.train_on_reasoning,
+                          with_answer_mask)
     if len(enc.input_ids) > s.cutoff_len:
         if s.truncation == "error":
             raise DataError(f"{len(enc.input_ids)} tokens exceed cutoff_len={s.cutoff_len} (truncation=error)",
@@ -117,7 +119,8 @@ def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
             shorter = F.to_messages(fmt, row, s.options, drop=drop)
             if shorter is None:
                 break
-            enc = encode_messages(tokenizer, template, shorter, s.train_on, tools, s.train_on_reasoning)
+            enc = encode_messages(tokenizer, template, shorter, s.train_on, tools, s.train_on_reasoning,
+                                  with_answer_mask)
             enc.truncated = True
             if len(enc.input_ids) <= s.cutoff_len:
                 break

@@ -222,6 +222,30 @@ class Template:
         return getattr(self, "_special_tokens", {})
 
 
+def answer_spans(rendered: Rendered, messages: list[Message]) -> list[tuple[int, int]]:
+    """Character spans of the assistant messages' own text (content and reasoning) inside the spans `render`
+    returned, in text order. The rest of a span is template markup: end-of-turn markers, role headers, think tags,
+    tool-call syntax. Text a template changed (e.g. stripped) is matched stripped; a span of a message without tool
+    calls in which neither is found counts as text as a whole."""
+    out = []
+    turns = rendered.turns or [i for i, m in enumerate(messages) if m.role == "assistant"]
+    for (start, end), turn in zip(rendered.spans, turns):
+        m = messages[turn] if 0 <= turn < len(messages) else None
+        if m is None:
+            continue
+        found = []
+        for piece in (m.reasoning, m.content):
+            for text in (piece, piece.strip()) if piece else ():
+                at = rendered.text.find(text, start, end) if text else -1
+                if at >= 0:
+                    found.append((at, at + len(text)))
+                    break
+        if not found and not m.tool_calls:
+            found.append((start, end))
+        out += sorted(found)
+    return out
+
+
 def _raise_template_error(msg: str) -> None:
     raise DataError(f"chat template refused the conversation: {msg}")
 

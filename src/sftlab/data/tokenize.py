@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sftlab.data.templates import Message, Rendered, Template
+from sftlab.data.templates import Message, Rendered, Template, answer_spans
 from sftlab.errors import ConfigError, DataError
 
 IGNORE = -100
@@ -25,6 +25,9 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    # With `with_answer_mask`: per token, True where it overlaps an assistant message's own text; trained tokens
+    # without it are template markup (end-of-turn markers, role headers). None when not asked for.
+    answer_mask: list[bool] | None = None
 
 
 def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -50,9 +53,25 @@ def encode_prompt(tokenizer, template: Template, messages: list[Message], tools:
     return _prompt_ids_and_end(tokenizer, template.render_prompt(messages, tools))[0]
 
 
+def _overlaps(offs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token: its characters overlap one of the (sorted) spans, or it is a zero-width token inside one."""
+    out = [False] * len(offs)
+    j = 0
+    for i, (s, e) in enumerate(offs):
+        while j < len(spans) and spans[j][1] <= s:
+            j += 1
+        if j < len(spans) and ((s < spans[j][1] and e > spans[j][0]) or (s == e and spans[j][0] <= s < spans[j][1])):
+            out[i] = True
+    return out
+
+
 def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
-                    final_prompt_text: str | None = None) -> Encoded:
-    """Tokenize rendered text and label the tokens that overlap its spans (all tokens with train_all)."""
+                    final_prompt_text: str | None = None,
+                    answer_chars: list[tuple[int, int]] | None = None) -> Encoded:
+    """Tokenize rendered text and label the tokens that overlap its spans (all tokens with train_all).
+
+    With `answer_chars` (character spans of the assistant messages' text, `templates.answer_spans`), the result's
+    answer_mask marks the tokens that overlap them."""
     ids, offs = _tokenize(tokenizer, rendered.text)
     if final_prompt_text is not None and rendered.spans:
         p_ids, p_end = _prompt_ids_and_end(tokenizer, final_prompt_text)
@@ -66,19 +85,12 @@ def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
         spans = _from_prompt_end(rendered, p_end)
     else:
         spans = rendered.spans
-    labels = [IGNORE] * len(ids)
     if train_all:
         labels = list(ids)
     else:
-        j = 0
-        for i, (s, e) in enumerate(offs):
-            while j < len(spans) and spans[j][1] <= s:
-                j += 1
-            if j < len(spans) and s < spans[j][1] and e > spans[j][0]:
-                labels[i] = ids[i]
-            elif j < len(spans) and s == e and spans[j][0] <= s < spans[j][1]:
-                labels[i] = ids[i]  # zero-width token inside a span
-    return Encoded(ids, labels)
+        labels = [i if trained else IGNORE for i, trained in zip(ids, _overlaps(offs, spans))]
+    mask = _overlaps(offs, answer_chars) if answer_chars is not None else None
+    return Encoded(ids, labels, answer_mask=mask)
 
 
 def _from_prompt_end(rendered: Rendered, p_end: int) -> list[tuple[int, int]]:
@@ -111,15 +123,18 @@ def trained_turns(messages: list[Message], train_on: str) -> set[int]:
 
 
 def encode_messages(tokenizer, template: Template, messages: list[Message], train_on: str = "completion",
-                    tools: list[dict] | None = None, train_on_reasoning: bool = True) -> Encoded:
+                    tools: list[dict] | None = None, train_on_reasoning: bool = True,
+                    with_answer_mask: bool = False) -> Encoded:
     rendered = template.render(messages, tools, train_on_reasoning)
+    answers = answer_spans(rendered, messages) if with_answer_mask else None
     keep = trained_turns(messages, train_on)
     picked = [k for k, t in enumerate(rendered.turns) if t in keep]
     rendered = Rendered(rendered.text, [rendered.spans[k] for k in picked], [rendered.turns[k] for k in picked],
                         [rendered.opens_turn[k] for k in picked])
     final = len(messages) - 1
     prompt_text = template.render_prompt(messages[:-1], tools) if final in keep else None
-    return encode_rendered(tokenizer, rendered, train_all=train_on == "all", final_prompt_text=prompt_text)
+    return encode_rendered(tokenizer, rendered, train_all=train_on == "all", final_prompt_text=prompt_text,
+                           answer_chars=answers)
 
 
 def encode_text(tokenizer, text: str) -> Encoded:
@@ -150,7 +165,9 @@ def cut_to_length(enc: Encoded, cutoff_len: int, answer_start: int) -> Encoded:
     keep_prompt = min(len(prompt), max(cutoff_len - len(rest), cutoff_len // 2))
     keep_rest = cutoff_len - keep_prompt
     start = len(prompt) - keep_prompt
-    return Encoded(prompt[start:] + rest[:keep_rest], p_labels[start:] + r_labels[:keep_rest], truncated=True)
+    mask = enc.answer_mask[start:answer_start + keep_rest] if enc.answer_mask is not None else None
+    return Encoded(prompt[start:] + rest[:keep_rest], p_labels[start:] + r_labels[:keep_rest], truncated=True,
+                   answer_mask=mask)
 
 
 def stop_token_ids(tokenizer, template: Template | None) -> list[int]:

@@ -1,0 +1,479 @@
+"""`sftlab data report`: what a training run will learn from and what it will cost, before it runs.
+
+`data_report(cfg)` reads the same configuration as `sftlab train` and streams once over every split's rows:
+each row is encoded as training encodes it (`data.stats`), checked against earlier training rows for exact and near
+duplicates (`data.duplicates`), and its kept length recorded. Then the cost of training on the kept examples is
+estimated (`train.estimate`) and, unless skipped, measured by a probe of a few real steps (`train.probe`).
+The result is a `Report`: `to_dict()` is JSON (every number), `write_report` writes data_report.md, .json and the
+figures, `summary_lines` is the short printed version. The estimate is also recorded in the run's output_dir
+(`sftlab_estimate.json`) so the model card of the real run can say how close it was.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sftlab.config import Config, save_config
+from sftlab.data.dataset import load_rows
+from sftlab.data.duplicates import DuplicateCounts, DuplicateIndex, Place, write_deduplicated
+from sftlab.data.stats import SplitStats, row_tokens
+from sftlab.errors import ConfigError
+from sftlab.outputs import ESTIMATE_FILE, write_json
+from sftlab.train.estimate import CostEstimate, add_probe, estimate_cost, process_rss
+
+PROBE_STEPS = 3  # the first on the longest examples (peak memory, warm-up), the others on random ones (time)
+SPLITS = (("train", "train_file"), ("eval", "eval_file"), ("test", "test_file"))
+
+
+@dataclass
+class Report:
+    settings: dict[str, Any]
+    splits: dict[str, SplitStats] = field(default_factory=dict)
+    duplicates: dict[str, DuplicateCounts] = field(default_factory=dict)  # train: within; eval/test: with train
+    dedup: dict[str, Any] | None = None
+    cost: CostEstimate | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "splits": {k: v.to_dict() for k, v in self.splits.items()},
+            "duplicates": {k: v.to_dict() for k, v in self.duplicates.items()},
+            "dedup": self.dedup,
+            "cost": self.cost.to_dict() if self.cost else None,
+            "timings": self.timings,
+            "notes": self.notes,
+        }
+
+    def summary_lines(self) -> list[str]:
+        out = []
+        for name, s in self.splits.items():
+            d = s.to_dict()
+            out.append(f"[{name}] {d['rows_read']} rows: kept {d['kept']}, truncated {d['truncated']}, dropped "
+                       f"{d['dropped_total']} {d['dropped'] or ''}; tokens p95 {d['total_tokens']['p95']} / "
+                       f"cutoff {d['cutoff_len']}; answers cut {d['answers_cut']} ({d['answer_tokens_lost']} "
+                       f"tokens); trained {d['trained_tokens']} ({d['trained_share']:.1%}), of which markup "
+                       f"{d['markup_share_of_trained']:.1%}")
+        for name, c in self.duplicates.items():
+            what = "duplicates within train" if name == "train" else f"{name} rows also in train"
+            out.append(f"[{name}] {what}: {c.exact} exact, {c.near} near")
+        if self.dedup:
+            out.append(f"dedup: removed {self.dedup['removed']} rows -> {', '.join(self.dedup['files'])}")
+        if self.cost:
+            p = self.cost.plan
+            line = (f"cost: {p.optimizer_steps} optimizer steps, {p.tokens_per_epoch} tokens/epoch, padding "
+                    f"{p.padding_share:.1%}")
+            peak = self.cost.peak_memory_bytes()
+            if peak:
+                line += f", peak memory ~{peak / 2**30:.2f} GiB"
+            if self.cost.train_seconds is not None:
+                line += f", train time ~{_duration(self.cost.train_seconds)}"
+            out.append(line)
+        return out
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+# ---- the data pass ----------------------------------------------------------------------------------------------
+class _ProbeRows:
+    """The longest training rows (one optimizer step's worth) and a seeded random sample of the others, as
+    (format, row data after column mapping), for the probe's data file."""
+
+    def __init__(self, per_step: int, seed: int):
+        self.per_step = per_step
+        self.longest: list[tuple[int, int, dict]] = []  # min-heap of (length, row number, data)
+        self.sample: list[tuple[int, dict]] = []
+        self.seen = 0
+        self.rng = random.Random(seed)
+        self.fmt: str | None = None
+
+    def offer(self, fmt: str, data: dict, length: int) -> None:
+        self.fmt = self.fmt or fmt
+        if fmt != self.fmt:
+            return
+        self.seen += 1
+        item = (length, self.seen, data)
+        if len(self.longest) < self.per_step:
+            heapq.heappush(self.longest, item)
+        elif length > self.longest[0][0]:
+            heapq.heapreplace(self.longest, item)
+        k = self.per_step * (PROBE_STEPS - 1)
+        if len(self.sample) < k:  # reservoir sampling
+            self.sample.append((length, data))
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < k:
+                self.sample[j] = (length, data)
+
+    def rows(self) -> list[tuple[int, dict]]:
+        longest = [(n, d) for n, _, d in sorted(self.longest, key=lambda x: (-x[0], x[1]))]
+        return longest + self.sample
+
+
+def _scan_split(name: str, files: list[str], cfg: Config, tokenizer, template, settings, index: DuplicateIndex,
+                removal: dict[str, dict[int, str]], probe_rows: _ProbeRows | None) -> tuple[SplitStats, DuplicateCounts]:
+    stats = SplitStats(name, cfg.data.cutoff_len)
+    dups = DuplicateCounts()
+    for path in files:  # one file at a time: only its rows are in memory
+        for fmt, row in load_rows([path], settings.dataset_format, settings.column_mapping, cfg.data.max_samples):
+            r = row_tokens(fmt, row, tokenizer, template, settings)
+            stats.add(fmt, r)
+            place = Place(name, row.file, row.line)
+            if name == "train":
+                match = index.add_train(r.content, place)
+                if match:
+                    removal.setdefault(row.file, {})[row.line] = f"{match.kind} duplicate of {match.original}"
+                if r.kept is not None and probe_rows is not None:
+                    probe_rows.offer(fmt, row.data, len(r.kept.input_ids))
+            else:
+                match = index.check(r.content, place)
+                if match:
+                    o = match.original
+                    removal.setdefault(o.file, {}).setdefault(o.line, f"{match.kind} match of {name} row {place}")
+            if match:
+                dups.add(match)
+    return stats, dups
+
+
+def _settings(cfg: Config, template) -> dict[str, Any]:
+    d, t, f = cfg.data, cfg.training, cfg.finetuning
+    return {
+        "model": cfg.model.model_name_or_path, "template": template.name, "train_on": d.train_on,
+        "cutoff_len": d.cutoff_len, "truncation": d.truncation, "packing": d.packing,
+        "train_file": d.train_file or [], "eval_file": d.eval_file or [], "test_file": d.test_file or [],
+        "finetuning_type": f.finetuning_type, "bf16": bool(t.bf16),
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps, "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps, "output_dir": t.output_dir,
+    }
+
+
+def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, probe: bool = True,
+                near_threshold: float = 0.8, log: Callable[[str], None] = lambda s: None) -> Report:
+    """The report for training with `cfg` (see the module docstring). `dedup` writes cleaned copies of the training
+    files to `out_dir`/dedup; `probe` runs a few real training steps to measure time and peak memory."""
+    from sftlab.data.tokenize import check_template_tokens
+    from sftlab.models.load import load_tokenizer, resolve_model_path
+    from sftlab.workflow import encode_settings, resolve_template
+
+    d = cfg.data
+    if not d.train_file:
+        raise ConfigError("data report: pass --train_file (or a config with train_file)")
+    if dedup and not out_dir:
+        raise ConfigError("data report: --dedup needs --out DIR for the cleaned copies")
+    started = time.perf_counter()
+    path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(path)
+    template = resolve_template(cfg, tokenizer, path)
+    check_template_tokens(tokenizer, template)
+    settings = encode_settings(cfg)
+    process_bytes = process_rss()
+    report = Report(_settings(cfg, template))
+    if d.rqa_context == "retrieved":
+        report.notes.append("rqa_context=retrieved: rows are reported with their gold passages, not retrieved ones")
+    if d.val_size:
+        report.notes.append(f"val_size={d.val_size}: the eval split is drawn from these training rows at random; "
+                            "the train figures include them")
+    t = cfg.training
+    probe_rows = _ProbeRows(t.per_device_train_batch_size * t.gradient_accumulation_steps, t.seed) if probe else None
+    index = DuplicateIndex(threshold=near_threshold)
+    removal: dict[str, dict[int, str]] = {}
+    for name, attr in SPLITS:
+        files = getattr(d, attr) or []
+        if not files:
+            continue
+        t0 = time.perf_counter()
+        stats, dups = _scan_split(name, files, cfg, tokenizer, template, settings, index, removal,
+                                  probe_rows if name == "train" else None)
+        report.splits[name], report.duplicates[name] = stats, dups
+        report.timings[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
+        log(f"[{name}] {stats.rows_read} rows read in {report.timings[f'{name}_seconds']} s")
+    if dedup:
+        report.dedup = _write_dedup(d.train_file, removal, Path(out_dir) / "dedup")
+    train = report.splits["train"]
+    if train.kept:
+        t0 = time.perf_counter()
+        report.cost = estimate_cost(cfg, train.kept_lengths, train.kept_trained, process_bytes)
+        report.timings["estimate_seconds"] = round(time.perf_counter() - t0, 2)
+        if probe and probe_rows is not None and probe_rows.longest:
+            t0 = time.perf_counter()
+            log("probe: running a few training steps")
+            result = run_probe(cfg, probe_rows)
+            report.timings["probe_seconds"] = round(time.perf_counter() - t0, 2)
+            if result is not None:
+                add_probe(report.cost, result)
+            else:
+                report.notes.append("the probe failed; see the printed error. No time estimate.")
+        record_estimate(cfg, report)
+    report.timings["total_seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _write_dedup(train_files: list[str], removal: dict[str, dict[int, str]], out: Path) -> dict[str, Any]:
+    files, removed, reasons = [], 0, []
+    for path in train_files:
+        lines = removal.get(path, {})
+        target, kept = write_deduplicated(path, set(lines), out)
+        files.append(str(target))
+        removed += len(lines)
+        reasons += [{"row": f"{path}:{n}", "why": why} for n, why in sorted(lines.items())]
+    return {"files": files, "removed": removed, "rows": reasons}
+
+
+# ---- the probe ----------------------------------------------------------------------------------------------------
+def run_probe(cfg: Config, rows: _ProbeRows) -> dict[str, Any] | None:
+    """Run `sftlab.train.probe` in a child process on the probe rows; per-step seconds and tokens, peak RSS."""
+    items = rows.rows()
+    per_step = rows.per_step
+    steps = min(PROBE_STEPS, max(len(items) // per_step, 1))
+    tmp = Path(tempfile.mkdtemp(prefix="sftlab-probe-"))
+    try:
+        data = tmp / "probe.jsonl"
+        with open(data, "w", encoding="utf-8") as fh:
+            for _, row in items[:steps * per_step]:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        conf = tmp / "config.yaml"
+        save_config(cfg, str(conf))
+        out = tmp / "probe.json"
+        flags = {"train_file": str(data), "output_dir": str(tmp / "run"), "max_steps": steps,
+                 "save_strategy": "no", "eval_strategy": "no", "do_eval": "false", "do_predict": "false",
+                 "eval_file": "null", "test_file": "null", "val_size": 0, "train_sampling_strategy": "sequential",
+                 "overwrite_output_dir": "true", "plot_loss": "false", "max_samples": "null",
+                 "column_mapping": "{}", "dataset_format": rows.fmt, "load_best_model_at_end": "false",
+                 "logging_steps": 1, "resume_from_checkpoint": "null", "packing": "false" if not cfg.data.packing else "true"}
+        argv = [str(conf)] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
+                                                                       os.environ.get("PYTHONPATH", "")] if p))
+        proc = subprocess.Popen([sys.executable, "-m", "sftlab.train.probe", str(out), *argv], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output, _ = proc.communicate()
+        if proc.returncode != 0 or not out.is_file():
+            print(output[-3000:], file=sys.stderr)
+            return None
+        result = json.loads(out.read_text())
+        lengths = [n for n, _ in items[:steps * per_step]]
+        result["steps"] = [{"seconds": round(s, 4), "tokens": sum(lengths[i * per_step:(i + 1) * per_step])}
+                           for i, s in enumerate(result.pop("step_seconds"))]
+        result["data_tokens"] = sum(lengths)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- the estimate kept for the real run --------------------------------------------------------------------------
+def estimate_key(cfg: Config) -> dict[str, Any]:
+    """The settings an estimate depends on: the real run compares only against an estimate made for them."""
+    d, t, f = cfg.data, cfg.training, cfg.finetuning
+    return {"model": cfg.model.model_name_or_path, "train_file": d.train_file, "cutoff_len": d.cutoff_len,
+            "packing": d.packing, "finetuning_type": f.finetuning_type, "bf16": bool(t.bf16),
+            "batch": t.per_device_train_batch_size, "grad_accum": t.gradient_accumulation_steps,
+            "max_samples": d.max_samples, "epochs": t.num_train_epochs, "max_steps": t.max_steps}
+
+
+def record_estimate(cfg: Config, report: Report, source: str | None = None) -> None:
+    cost = report.cost
+    if cost is None:
+        return
+    try:
+        Path(cfg.training.output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(cfg.training.output_dir) / ESTIMATE_FILE, {
+            "key": estimate_key(cfg), "peak_memory_bytes": cost.peak_memory_bytes(),
+            "train_seconds": cost.train_seconds, "optimizer_steps": cost.plan.optimizer_steps,
+            "source": source or ("sftlab data report" + (" with probe" if cost.probe else " (no probe)")),
+        })
+    except OSError:
+        report.notes.append(f"could not record the estimate in {cfg.training.output_dir}")
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _plot_lengths(stats: SplitStats, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = stats.histogram()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=90)
+    ax.bar(h["edges"][:-1], h["counts"], width=h["bin_width"], align="edge", color="#6baed6", edgecolor="#08519c")
+    ax.axvline(stats.cutoff_len, color="#d94801", linewidth=2, label=f"cutoff_len {stats.cutoff_len}")
+    ax.set_xlabel("tokens per row (before truncation)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{stats.split}: {stats.rows_read} rows, {stats.over_cutoff} over cutoff_len")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_memory(cost: CostEstimate, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = cost.memory
+    parts = [("process", m.process), ("weights", m.weights), ("gradients", m.gradients),
+             ("optimizer", m.optimizer), ("activations", m.activations), ("LM head chunk", m.loss_head),
+             ("data", m.data)]
+    fig, ax = plt.subplots(figsize=(7, 2.6), dpi=90)
+    left = 0.0
+    colors = ["#bdbdbd", "#3182bd", "#6baed6", "#9ecae1", "#fd8d3c", "#fdae6b", "#a1d99b"]
+    for (name, n), c in zip(parts, colors):
+        ax.barh([0], [n / 2**30], left=left, color=c, label=f"{name} {n / 2**30:.2f}")
+        left += n / 2**30
+    peak = cost.peak_memory_bytes()
+    if cost.probe and peak:
+        ax.axvline(peak / 2**30, color="#d94801", linewidth=2, label=f"probe-measured {peak / 2**30:.2f}")
+    ax.set_yticks([])
+    ax.set_xlabel("GiB")
+    ax.set_title("estimated peak memory")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _dist_row(name: str, d: dict) -> str:
+    return f"| {name} | {d['mean']} | {d['median']} | {d['p95']} | {d['max']} |"
+
+
+def report_markdown(report: Report, figures: dict[str, str]) -> str:
+    data = report.to_dict()
+    s = data["settings"]
+    lines = ["# sftlab data report", "",
+             f"Model `{s['model']}`, template `{s['template']}`, train_on={s['train_on']}, "
+             f"cutoff_len={s['cutoff_len']}, truncation={s['truncation']}, packing={s['packing']}, "
+             f"{s['finetuning_type']}, bf16={s['bf16']}.", ""]
+    lines += [f"- {n}" for n in report.notes] + ([""] if report.notes else [])
+    for name, d in data["splits"].items():
+        lines += [f"## {name}: {', '.join(s[name + '_file'])}", "",
+                  f"- rows read {d['rows_read']}, kept {d['kept']}, truncated {d['truncated']}, dropped "
+                  f"{d['dropped_total']}" + (f" ({', '.join(f'{k}: {v}' for k, v in d['dropped'].items())})"
+                                             if d['dropped'] else ""),
+                  f"- formats: {', '.join(f'{k} {v}' for k, v in d['formats'].items())}; assistant turns per row: "
+                  f"{', '.join(f'{k}: {v}' for k, v in d['turns_per_row'].items())}",
+                  f"- rows over cutoff_len: {d['rows_over_cutoff']}; answers cut: {d['answers_cut']} "
+                  f"({d['answer_tokens_lost']} answer tokens lost, {d['prompt_tokens_lost']} prompt tokens lost; "
+                  f"dropped rows held {d['dropped_row_tokens']} tokens)",
+                  f"- kept: {d['tokens']} tokens, {d['trained_tokens']} trained ({d['trained_share']:.1%}); of the "
+                  f"trained tokens {d['answer_text_tokens']} are answer text and {d['markup_tokens']} template "
+                  f"markup ({d['markup_share_of_trained']:.1%})", "",
+                  "| tokens per row (before truncation) | mean | median | p95 | max |", "| --- | --- | --- | --- | --- |",
+                  _dist_row("prompt (not trained)", d["prompt_tokens"]),
+                  _dist_row("answer (trained)", d["answer_tokens"]), _dist_row("total", d["total_tokens"]), ""]
+        if name in figures:
+            lines += [f"![{name} lengths]({figures[name]})", ""]
+    lines += ["## Duplicates and contamination", "",
+              "Text of every message, lower-cased, whitespace collapsed; near = estimated Jaccard of word "
+              "3-shingles >= the threshold (MinHash LSH).", "", "| split | exact | near | first examples |",
+              "| --- | --- | --- | --- |"]
+    for name, c in data["duplicates"].items():
+        what = "within train" if name == "train" else f"{name} rows also in train"
+        ex = "<br>".join(f"{m['kind']}: {m['row']} = {m['original']}" + (f" ({m['similarity']})" if m["kind"] == "near" else "")
+                         for m in c["examples"]) or "-"
+        lines.append(f"| {what} | {c['exact']} | {c['near']} | {ex} |")
+    lines.append("")
+    if report.dedup:
+        lines += [f"Cleaned copies (`--dedup`): {', '.join(report.dedup['files'])}; {report.dedup['removed']} rows "
+                  "removed:", ""] + [f"- {r['row']}: {r['why']}" for r in report.dedup["rows"][:50]] + [""]
+    c = report.cost
+    if c:
+        p = c.plan
+        lines += ["## Cost", "", f"- batching: {p.batching}",
+                  f"- {p.examples} examples -> {p.rows} rows, {p.batches_per_epoch} batches/epoch, "
+                  f"{p.steps_per_epoch} optimizer steps/epoch, {p.optimizer_steps} optimizer steps in all",
+                  f"- tokens per epoch {p.tokens_per_epoch} ({p.computed_tokens_per_epoch} computed, padding "
+                  f"{p.padding_share:.1%}); largest forward pass {p.largest_forward_tokens} tokens", ""]
+        if c.memory:
+            m = c.memory
+            lines += ["| memory | estimate |", "| --- | --- |"] + [
+                f"| {k} | {_gib(v)} |" for k, v in (("process (torch, transformers)", m.process), ("weights", m.weights),
+                                                     ("gradients", m.gradients), ("optimizer state", m.optimizer),
+                                                     ("activations, largest forward", m.activations),
+                                                     ("LM head + loss chunk", m.loss_head),
+                                                     ("tokenized data", m.data), ("total (analytic)", m.total))]
+            if c.probe:
+                lines.append(f"| peak measured by the probe (+ the rest of the data) | {_gib(c.peak_memory_bytes())} |")
+            lines.append("")
+        elif c.memory_note:
+            lines += [f"- {c.memory_note}", ""]
+        if "memory" in figures:
+            lines += [f"![memory]({figures['memory']})", ""]
+        if c.probe:
+            steps = ", ".join(f"{s['seconds']:.2f} s / {s['tokens']} tokens" for s in c.probe["steps"])
+            lines += [f"- probe: {len(c.probe['steps'])} real optimizer steps ({steps}); peak RSS "
+                      f"{_gib(c.probe['peak_rss'])}"]
+        if c.train_seconds is not None:
+            lines += [f"- estimated training time (train_runtime): {_duration(c.train_seconds)} "
+                      f"({c.train_seconds} s)"]
+        lines += [f"- {n}" for n in c.notes] + [""]
+    lines += ["## Report timings", "", ", ".join(f"{k} {v}" for k, v in report.timings.items()), ""]
+    return "\n".join(lines)
+
+
+def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    """data_report.md, data_report.json and the PNG figures in out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, str] = {}
+    paths: dict[str, Path] = {}
+    for name, stats in report.splits.items():
+        if stats.rows_read:
+            figures[name] = f"lengths_{name}.png"
+            _plot_lengths(stats, out / figures[name])
+    if report.cost and report.cost.memory:
+        figures["memory"] = "memory.png"
+        _plot_memory(report.cost, out / figures["memory"])
+    for k, v in figures.items():
+        paths[k] = out / v
+    write_json(out / "data_report.json", report.to_dict())
+    md = out / "data_report.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(report_markdown(report, figures), encoding="utf-8")
+    os.replace(tmp, md)
+    paths.update(json=out / "data_report.json", markdown=md)
+    return paths
+
+
+def ensure_run_estimate(cfg: Config, examples: list[dict]) -> None:
+    """Before training: keep the estimate `sftlab data report` recorded for these settings, else record the
+    analytic one (memory and steps; no time without a probe), so the model card can compare."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = Path(cfg.training.output_dir) / ESTIMATE_FILE
+    key = estimate_key(cfg)
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("key") == json.loads(json.dumps(key)):
+            return
+    except (OSError, json.JSONDecodeError):
+        pass
+    from sftlab.data.tokenize import IGNORE
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    trained = [sum(l != IGNORE for l in e["labels"]) for e in examples]
+    cost = estimate_cost(cfg, lengths, trained, process_rss(), data_in_process=True)
+    report = Report({})
+    report.cost = cost
+    record_estimate(cfg, report, source="sftlab train (analytic, before loading the model)")
