@@ -53,7 +53,30 @@ def main() -> int:
     print(f"\nOutputs in {out}/: adapter_model.safetensors, train_results.json, eval_results.json, "
           "trainer_log.jsonl, training_loss.png, generated_predictions.jsonl, predict_results.json, README.md")
     print(f"Chat with it: .venv/bin/sftlab chat --model {out}")
+    show_gguf_answer(cfg, before[0][0], after[0]["predict"])
     return 0
+
+
+def show_gguf_answer(cfg, question: str, sftlab_answer: str) -> None:
+    """Export the result to GGUF (f16, template in the metadata) and ask llama.cpp the first held-out question."""
+    from sftlab.cli import main as sftlab_main
+
+    out = cfg.training.output_dir
+    path = os.path.join(out, "demo-f16.gguf")
+    print("\n== export to GGUF for llama.cpp / Ollama ==")
+    if sftlab_main(["export", "--model", out, "--format", "gguf", "--out", path]) != 0:
+        return
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed (make install builds it); skipping the llama.cpp answer")
+        return
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
+                                       repeat_penalty=1.0, max_tokens=cfg.generating.max_new_tokens)
+    text = reply["choices"][0]["message"]["content"].strip()
+    print(f"\nQ: {question}\n  sftlab:    {sftlab_answer[:160]!r}\n  llama.cpp: {text[:160]!r}"
+          f"  ({'same' if text == sftlab_answer else 'different'}; the chat template came from the GGUF)")
 
 
 if __name__ == "__main__":
