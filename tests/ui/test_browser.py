@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ FORM = {
     "output_dir": "saves/run1", "max_steps": str(MAX_STEPS), "logging_steps": "1", "save_steps": "1000",
     "per_device_train_batch_size": "2", "learning_rate": "1e-3", "max_new_tokens": "8", "data_cache_dir": "cache",
 }
+STARTED = [time.time()]
 SELECTS = {"do_predict": "true", "bf16": "false"}
 
 
@@ -34,6 +36,7 @@ def cli_preview(workspace: Path, argv: list[str], n: int) -> list[dict]:
 
 
 def shot(page, name: str) -> None:
+    print(f"[ui session] {name} at {time.time() - STARTED[0]:.1f} s", flush=True)
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
     page.screenshot(path=str(path))
@@ -63,6 +66,7 @@ def test_browser_session(ui_workspace):
     from playwright.sync_api import expect, sync_playwright
 
     ws = ui_workspace
+    STARTED[0] = time.time()
     try:
         with running_app(ws) as (base, _), sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -73,7 +77,7 @@ def test_browser_session(ui_workspace):
 
             # New run: a bad value is shown beside its field, by the same parser as `sftlab train`.
             page.goto(base + "/#/new")
-            page.wait_for_selector('[data-name="learning_rate"]')
+            page.wait_for_selector('[data-name="learning_rate"]', timeout=120_000)
             page.eval_on_selector_all("#form details", "els => els.forEach(d => d.open = true)")
             for name, value in FORM.items():
                 page.fill(f'[data-name="{name}"]', value)
@@ -156,7 +160,8 @@ def test_browser_session(ui_workspace):
             assert reply.inner_text().strip() and "[error" not in reply.inner_text()
             page.fill("#chat-input", "And 5 and 6?")
             page.click("#chat-send")
-            page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-done]').length == 2", timeout=120_000)
+            page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length == 2 && "
+                                   "document.querySelectorAll('.msg.assistant')[1].dataset.done", timeout=120_000)
             assert page.locator(".msg.user").count() == 2
             shot(page, "chat")
             page.click("#chat-reset")

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import secrets
+import threading
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,8 @@ def _sse(event: str, data: Any) -> str:
 
 def build_app(workspace: Path, token: str | None = None, loopback: bool = True, max_parallel: int = 1):
     ui = UI(workspace, max_parallel)
+    # transformers is imported and the form built in the background, so the first page that needs them is quick.
+    threading.Thread(target=form.form_schema, daemon=True).start()
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -181,6 +184,9 @@ def build_app(workspace: Path, token: str | None = None, loopback: bool = True, 
             body = await _body(request)
         except SftlabError as e:
             return _error(e)
+        busy = await asyncio.to_thread(launch.running_runs, ui.workspace)
+        if len(busy) >= ui.max_parallel:  # before the checks, which create the output directory
+            return JSONResponse({"ok": False, "errors": {"_form": launch.busy_message(busy)}}, status_code=409)
         result = await asyncio.to_thread(form.check, ui.workspace, {**body, "preview": False})
         if not result["ok"]:
             return JSONResponse(result, status_code=400)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import io
 import json
 import re
@@ -82,6 +83,7 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def form_schema() -> list[dict[str, Any]]:
     """Groups of fields: sftlab's five, the common TrainingArguments, then every other TrainingArguments flag."""
     from transformers import Seq2SeqTrainingArguments
@@ -114,12 +116,9 @@ _OPTION = re.compile(r"--([A-Za-z_][\w]*)|^([A-Za-z_]\w*)[:=\s]|'([A-Za-z_]\w*)'
 
 def error_field(message: str) -> str | None:
     """The option an error message names (the parser's messages start with '--key:' or 'key:')."""
-    known = all_fields()
-    for m in _OPTION.finditer(message):
-        name = next(g for g in m.groups() if g)
-        if name in known:
-            return name
-    return None
+    m = _OPTION.search(message)  # the first one: "unknown option '--lr'; did you mean '--x'" names no field
+    name = next((g for g in m.groups() if g), None) if m else None
+    return name if name in all_fields() else None
 
 
 def _check_paths(workspace: Path, cfg) -> None:

@@ -35,6 +35,11 @@ def running_runs(workspace: Path) -> list[str]:
     return [r["name"] for r in list_runs(workspace) if r["state"] == "running"]
 
 
+def busy_message(busy: list[str]) -> str:
+    return (f"{busy[0]} is still running: one run at a time on this machine (stop it first, or start the app "
+            f"with --max_parallel_runs N)")
+
+
 def _wait_and_record(proc: subprocess.Popen, lock_path: Path) -> None:
     rc = proc.wait()
     lock = json.loads(lock_path.read_text(encoding="utf-8")) if lock_path.is_file() else {}
@@ -47,9 +52,7 @@ def launch(workspace: Path, run_dir: Path, args: list[str], max_parallel: int = 
     """Start `sftlab train args` with cwd=workspace, detached; returns the pid."""
     busy = running_runs(workspace)
     if len(busy) >= max_parallel:
-        raise LaunchRefused(
-            f"{busy[0]} is still running: one run at a time on this machine (stop it first, or start the app "
-            f"with --max_parallel_runs N)")
+        raise LaunchRefused(busy_message(busy))
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = train_argv(args)
     log = open(run_dir / PROCESS_LOG, "ab")
