@@ -29,7 +29,7 @@ function fmt(v) {
 
 function lineChart(el, series, opts) {
   opts = opts || {};
-  const W = opts.width || 640, H = opts.height || 240, pad = {l: 56, r: 12, t: 12, b: 28};
+  const W = opts.width || Math.max(320, el.clientWidth || 640), H = opts.height || 240, pad = {l: 56, r: 12, t: 12, b: 28};
   el.innerHTML = "";
   el.classList.add("chart");
   const all = series.flatMap(s => s.points).filter(p => p[1] !== null && isFinite(p[1]));
