@@ -131,3 +131,40 @@ def test_predict_on_a_model_name(tmp_path, tiny_model_dir):
     assert main(["predict", tiny_model_dir, "--test_file", str(f), "--output_dir", str(out), "--template", "chatml",
                  "--max_new_tokens", "2", "--data_cache_dir", str(tmp_path / "c")]) == 0
     assert (out / "generated_predictions.jsonl").is_file() and (out / "predict_results.json").is_file()
+
+
+def test_predict_parses_generated_tool_calls_and_scores_them(tmp_path, tiny_model_dir, monkeypatch):
+    """generated_predictions.jsonl keeps the generated text and adds the calls parsed; exact match of the calls is
+    a metric over the rows whose label makes calls. The generations are scripted (a random tiny model writes no
+    calls): one right call, one with wrong arguments, one that is no call."""
+    from sftlab.eval import generate
+
+    call = lambda city: {"role": "assistant", "tool_calls": [  # noqa: E731
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]}
+    rows = [{"messages": [{"role": "user", "content": f"Weather in {c}?"}, call(c)],
+             "tools": [{"name": "get_weather", "parameters": {"type": "object"}}]} for c in ("Paris", "Rome", "Oslo")]
+    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+    f = tmp_path / "calls.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    scripted = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Roma"}}\n</tool_call>',
+                "It is sunny.", "Hello"]
+
+    def fake_generate(model, tokenizer, prompts, *a, **kw):
+        assert len(prompts) == 4 and "<tools>" in tokenizer.decode(prompts[0])
+        return generate.GenerationResult([[1]] * 4, scripted, 4, 1.0)
+
+    monkeypatch.setattr(generate, "generate_batched", fake_generate)
+    out = tmp_path / "pred"
+    assert main(["predict", tiny_model_dir, "--test_file", str(f), "--output_dir", str(out),
+                 "--data_cache_dir", str(tmp_path / "c")]) == 0
+    lines = [json.loads(l) for l in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert [l["predict"] for l in lines] == scripted
+    assert lines[0]["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert lines[1]["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Roma"}}]
+    assert "tool_calls" not in lines[2] and "tool_calls" not in lines[3]
+    assert lines[0]["label"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    res = json.loads((out / "predict_results.json").read_text())
+    assert res["predict_tool_call_exact_match"] == pytest.approx(100 / 3)
+    assert res["predict_tool_call_name_match"] == pytest.approx(200 / 3)
+    assert res["predict_tool_call_rows"] == 3

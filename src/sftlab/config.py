@@ -256,11 +256,17 @@ def _type_of(cls: type, name: str) -> Any:
         return str
 
 
+# Options whose value 'none' is a word of their own (report_to: none = no integrations), not YAML's null.
+NONE_IS_A_VALUE = {"report_to"}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Turn a YAML/flag value into the declared type, with an error naming the option."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if key in NONE_IS_A_VALUE and isinstance(value, str):
+            return value
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
             return None
         errors = []
@@ -419,8 +425,11 @@ def parse_config(argv: list[str], overrides: dict[str, Any] | None = None) -> Co
 
 
 def build_config(raw: dict[str, Any]) -> Config:
+    from sftlab.llamafactory import translate
+
     fields_by_name = all_fields()
     known = sorted(fields_by_name)
+    raw = translate(raw, set(fields_by_name) | set(ALIASES))
     grouped: dict[str, dict[str, Any]] = {g: {} for g in [*GROUPS, "training"]}
     for key, value in raw.items():
         key = ALIASES.get(key, key)
@@ -441,6 +450,9 @@ def build_config(raw: dict[str, Any]) -> Config:
         v = getattr(cfg.data, name)
         if isinstance(v, str):
             setattr(cfg.data, name, [v])
+    from sftlab.data.dataset_info import resolve_dataset_names
+
+    resolve_dataset_names(cfg.data)  # LLaMA-Factory dataset names -> files, via dataset_dir/dataset_info.json
     return cfg
 
 

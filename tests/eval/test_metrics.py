@@ -122,3 +122,13 @@ def test_empty_strings_do_not_crash():
 def test_length_mismatch_raises():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         text_metrics(["a", "b"], ["a"])
+
+
+def test_tool_call_metrics_only_over_rows_whose_label_calls():
+    from sftlab.eval.metrics import tool_call_metrics
+
+    a = [{"name": "f", "arguments": {"x": 1}}]
+    b = [{"name": "f", "arguments": {"x": 2}}]
+    got = tool_call_metrics([a, b, None, a], [a, a, a, None])
+    assert got == {"tool_call_exact_match": 100 / 3, "tool_call_name_match": 200 / 3, "tool_call_rows": 3}
+    assert tool_call_metrics([a], [None]) == {}

@@ -188,9 +188,11 @@ def generate_batched(
 
 
 def write_predictions(
-    path: str | os.PathLike, prompts: list[str], predicts: list[str], labels: list[str]
+    path: str | os.PathLike, prompts: list[str], predicts: list[str], labels: list[str],
+    extras: list[dict] | None = None,
 ) -> Path:
-    """Write ``{"prompt", "predict", "label"}`` JSON lines (UTF-8, not ASCII-escaped), atomically.
+    """Write ``{"prompt", "predict", "label"}`` JSON lines (UTF-8, not ASCII-escaped), atomically; `extras`
+    adds fields per row (``tool_calls``: the generated calls, parsed, where they parse).
 
     The file is written next to its destination and renamed into place, so a crash never leaves a truncated
     predictions file that looks complete.
@@ -204,8 +206,9 @@ def write_predictions(
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for prompt, predict, label in zip(prompts, predicts, labels):
-                f.write(json.dumps({"prompt": prompt, "predict": predict, "label": label}, ensure_ascii=False))
+            for i, (prompt, predict, label) in enumerate(zip(prompts, predicts, labels)):
+                row = {"prompt": prompt, "predict": predict, "label": label, **(extras[i] if extras else {})}
+                f.write(json.dumps(row, ensure_ascii=False))
                 f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -136,3 +136,17 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
         "exact_match": 100.0 * sums["em"] / n,
         "f1": 100.0 * sums["f1"] / n,
     }
+
+
+def tool_call_metrics(predicted: list[list[dict] | None], expected: list[list[dict] | None]) -> dict[str, float]:
+    """Over the rows whose label makes tool calls (0-100): ``tool_call_exact_match``, the share whose generated
+    calls (parsed, `sftlab.data.tools.parse_tool_calls`) equal the label's in order, name and arguments (as JSON
+    values); ``tool_call_name_match``, the share with the same function names in order. Empty when no label
+    makes a call."""
+    rows = [(p, e) for p, e in zip(predicted, expected) if e]
+    if not rows:
+        return {}
+    exact = sum(p == e for p, e in rows)
+    names = sum(p is not None and [c["name"] for c in p] == [c["name"] for c in e] for p, e in rows)
+    return {"tool_call_exact_match": 100.0 * exact / len(rows), "tool_call_name_match": 100.0 * names / len(rows),
+            "tool_call_rows": len(rows)}
