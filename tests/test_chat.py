@@ -182,3 +182,34 @@ def test_ctrl_c_during_reply_drops_that_turn(tiny):
     assert "[reply interrupted]" in out.getvalue()
     # The interrupted question is not in the history of the next turn.
     assert rec.calls[0]["prompt"] == encode_prompt(tok, template, [Message("user", "Question two")])
+
+
+def test_tools_in_the_prompt_a_call_kept_as_a_call_and_tool_results(tiny, monkeypatch):
+    """With tools the prompt carries them; a reply that calls a tool is kept as that call, /tool answers it, and
+    the next prompt is exactly the training-time prompt after a tool result."""
+    import sftlab.chat as chat
+
+    model, tok = tiny
+    template = load_template("chatml", tok)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    replies = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "Sunny."]
+    prompts = []
+
+    def fake_reply(model, tokenizer, prompt_ids, gen_args, stop_ids, out):
+        prompts.append(prompt_ids)
+        out.write(replies[len(prompts) - 1] + "\n")
+        return replies[len(prompts) - 1]
+
+    monkeypatch.setattr(chat, "generate_reply", fake_reply)
+    out = io.StringIO()
+    input_fn, _ = scripted(["/tool early", "Weather in Paris?", "/tool 21 degrees", "/exit"])
+    chat_loop(model, tok, template, GeneratingArguments(), input_fn=input_fn, out=out, tools=tools)
+
+    assert "There is no tool call to answer." in out.getvalue() and replies[0] in out.getvalue()
+    from sftlab.data.templates import ToolCall
+
+    u = Message("user", "Weather in Paris?")
+    call = Message("assistant", "", tool_calls=(ToolCall("get_weather", {"city": "Paris"}),))
+    assert prompts[0] == encode_prompt(tok, template, [u], tools)
+    assert prompts[1] == encode_prompt(tok, template, [u, call, Message("tool", "21 degrees")], tools)
+    assert "<tools>" in tok.decode(prompts[0]) and "<tool_response>\n21 degrees\n</tool_response>" in tok.decode(prompts[1])

@@ -4,7 +4,10 @@ Each turn re-encodes the whole conversation with the same template and `encode_p
 evaluation, so the model sees exactly the prompt format it was fine-tuned on (no KV cache is kept across turns:
 re-encoding is cheap for a chat-sized history and can never drift from the template).
 
-Commands: ``/reset`` forgets the conversation, ``/exit`` leaves (so do end-of-input and Ctrl-C at the prompt).
+Commands: ``/reset`` forgets the conversation, ``/exit`` leaves (so do end-of-input and Ctrl-C at the prompt),
+``/tool TEXT`` answers the model's tool call with TEXT as the tool result (then the model writes its next turn).
+With tools given (``sftlab chat --tools tools.json``) they are rendered into every prompt; a reply that calls tools
+is shown as the text the model wrote, and is kept in the history as those calls.
 Ctrl-C while a reply is being written abandons that reply (it is not added to the history) and returns to the
 prompt.
 """
@@ -17,12 +20,14 @@ from typing import Callable, TextIO
 from sftlab.config import GeneratingArguments
 from sftlab.data.templates import Message, Template
 from sftlab.data.tokenize import encode_prompt, stop_token_ids
+from sftlab.data.tools import parse_tool_calls
 from sftlab.eval.generate import build_generation_config, cut_at_stop, model_device, pad_token_id
 
 __all__ = ["chat_loop", "generate_reply", "load_for_chat"]
 
-RESET, EXIT = "/reset", "/exit"
+RESET, EXIT, TOOL = "/reset", "/exit", "/tool"
 HELP = f"Chat started. {RESET} clears the conversation, {EXIT} (or Ctrl-D) leaves.\n"
+TOOL_HELP = f"Tools are on: answer a tool call with {TOOL} RESULT.\n"
 
 
 def _make_streamer(tokenizer, out: TextIO, stop_ids: list[int]):
@@ -99,11 +104,12 @@ def chat_loop(
     input_fn: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
     system: str | None = None,
+    tools: list[dict] | None = None,
 ) -> None:
     """Read user turns from `input_fn` until /exit or end of input, answering each with the whole history."""
     stops = stop_token_ids(tokenizer, template)
     history: list[Message] = []
-    out.write(HELP)
+    out.write(HELP + (TOOL_HELP if tools else ""))
     out.flush()
     while True:
         try:
@@ -121,9 +127,15 @@ def chat_loop(
             out.write("Conversation cleared.\n")
             continue
 
-        user = Message("user", text)
+        if text.split(maxsplit=1)[0] == TOOL:
+            if not (history and (history[-1].tool_calls or history[-1].role == "tool")):
+                out.write("There is no tool call to answer.\n")
+                continue
+            user = Message("tool", text[len(TOOL):].strip())
+        else:
+            user = Message("user", text)
         messages = ([Message("system", system)] if system else []) + history + [user]
-        prompt_ids = encode_prompt(tokenizer, template, messages)
+        prompt_ids = encode_prompt(tokenizer, template, messages, tools)
         out.write("Assistant: ")
         out.flush()
         try:
@@ -132,4 +144,12 @@ def chat_loop(
             # Keep the history consistent: a half-written answer is dropped together with its question.
             out.write("\n[reply interrupted]\n")
             continue
-        history += [user, Message("assistant", reply)]
+        history += [user, assistant_turn(reply)]
+
+
+def assistant_turn(reply: str) -> Message:
+    """The reply as an assistant message: its tool calls, when it makes any that parse, and the text before them."""
+    calls = parse_tool_calls(reply)
+    if not calls:
+        return Message("assistant", reply)
+    return Message("assistant", reply.split("<tool_call>")[0].strip(), tool_calls=tuple(calls))

@@ -18,7 +18,7 @@ commands:
   data report    lengths, truncation, duplicates, contamination and cost: sftlab data report [CONFIG] [--out DIR]
                  [--dedup] [--no_probe]
   predict        evaluate/predict with a model or output dir: sftlab predict CONFIG_OR_OUTPUT_DIR [--key value]
-  chat           interactive chat: sftlab chat --model OUTPUT_DIR
+  chat           interactive chat: sftlab chat --model OUTPUT_DIR [--tools tools.json]
   export         merge a LoRA adapter: sftlab export --model OUTPUT_DIR --out DIR
                  or a GGUF for llama.cpp/Ollama: sftlab export --model OUTPUT_DIR --format gguf
                  [--quantization f16|q8_0|q4_k_m|...] --out FILE.gguf (docs/GGUF.md)
@@ -130,9 +130,11 @@ def cmd_chat(argv: list[str]) -> int:
     from sftlab.workflow import resolve_template
 
     model = _pop_opt(argv, "model")
+    tools_file = _pop_opt(argv, "tools")
     if model:
         argv = ["--model_name_or_path", model, *argv]
     cfg = parse_config(argv)
+    tools = read_tools_file(tools_file) if tools_file else None
     path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
     tok = load_tokenizer(path)
     m, _ = load_model(cfg.model, None, for_training=False, bf16=cfg.training.bf16)
@@ -140,8 +142,24 @@ def cmd_chat(argv: list[str]) -> int:
     from sftlab.chat import chat_loop
 
     print(f"sftlab chat with {cfg.model.model_name_or_path} (template '{template.name}')")
-    chat_loop(m, tok, template, cfg.generating, system=cfg.data.system)
+    if tools:
+        print(f"{len(tools)} tools; {template.describe_tools()}")
+    chat_loop(m, tok, template, cfg.generating, system=cfg.data.system, tools=tools)
     return 0
+
+
+def read_tools_file(path: str) -> list[dict] | None:
+    """Tool definitions for chat: a JSON file holding a list of functions (OpenAI or bare), checked like a row's."""
+    from pathlib import Path
+
+    from sftlab.data.formats import row_tools
+    from sftlab.data.loader import Row
+
+    try:
+        data = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--tools: cannot read {path}: {e.strerror or e}") from None
+    return row_tools(Row({"tools": data}, path, 1))
 
 
 def cmd_export(argv: list[str]) -> int:

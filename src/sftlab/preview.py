@@ -63,7 +63,7 @@ def preview(argv: list[str], n: int = 3, fmt: str = "text", out: TextIO = sys.st
     tok = load_tokenizer(path)
     template = resolve_template(cfg, tok, path)
     settings = encode_settings(cfg)
-    pairs = load_rows(cfg.data.train_file, settings.dataset_format, settings.column_mapping, n)[:n]
+    pairs = load_rows(cfg.data.train_file, settings.dataset_format, settings.column_mapping, n, settings.options)[:n]
     color = fmt == "text" and hasattr(out, "isatty") and out.isatty()
     if fmt == "text":
         print(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}; "

@@ -133,7 +133,8 @@ def _scan_split(name: str, files: list[str], cfg: Config, tokenizer, template, s
     stats = SplitStats(name, cfg.data.cutoff_len)
     dups = DuplicateCounts()
     for path in files:  # one file at a time: only its rows are in memory
-        for fmt, row in load_rows([path], settings.dataset_format, settings.column_mapping, cfg.data.max_samples):
+        for fmt, row in load_rows([path], settings.dataset_format, settings.column_mapping, cfg.data.max_samples,
+                                  settings.options):
             r = row_tokens(fmt, row, tokenizer, template, settings)
             stats.add(fmt, r)
             place = Place(name, row.file, row.line)

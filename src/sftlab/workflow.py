@@ -363,7 +363,7 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     phase) and predict_results.json with ROUGE-1/2/L, BLEU-4, exact match and F1 (0-100) and generation speed."""
 
     from sftlab.eval.generate import generate_batched, write_predictions
-    from sftlab.data.tools import call_dicts, parse_tool_calls
+    from sftlab.data.tools import call_dicts, parse_tool_calls, without_reasoning
     from sftlab.eval.metrics import text_metrics, tool_call_metrics
 
     t = cfg.training
@@ -380,11 +380,12 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     preds = result.texts
     labels = [it.label for it in items]
     name = "generated_predictions.jsonl" if prefix == "predict" else f"{prefix}_predictions.jsonl"
-    calls = [parse_tool_calls(p) for p in preds]
+    answers = [without_reasoning(p) for p in preds]  # labels hold answers; a think block is not scored
+    calls = [parse_tool_calls(a) for a in answers]
     calls = [call_dicts(c) if c else None for c in calls]
     write_predictions(os.path.join(t.output_dir, name), [it.prompt for it in items], preds, labels,
                       [{"tool_calls": c} if c else {} for c in calls])
-    scores = {f"{prefix}_{k}": v for k, v in text_metrics(preds, labels).items()}
+    scores = {f"{prefix}_{k}": v for k, v in text_metrics(answers, labels).items()}
     scores.update({f"{prefix}_{k}": v for k, v in tool_call_metrics(calls, [it.label_calls for it in items]).items()})
     scores[f"{prefix}_generation_tokens_per_second"] = round(result.tokens_per_second, 2)
     scores[f"{prefix}_new_tokens"] = result.new_tokens

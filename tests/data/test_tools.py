@@ -215,3 +215,10 @@ def test_tool_format_option(smol_tokenizer):
 def test_parse_tool_calls(text, calls):
     got = parse_tool_calls(text)
     assert (None if got is None else [{"name": c.name, "arguments": c.arguments} for c in got]) == calls
+
+
+def test_without_reasoning_scores_the_answer_only():
+    from sftlab.data.tools import without_reasoning
+
+    assert without_reasoning("<think>\nhmm\n</think>\n\nParis") == "Paris"
+    assert without_reasoning("Paris") == "Paris"

@@ -126,5 +126,11 @@ def parse_tool_calls(text: str) -> list[ToolCall] | None:
     return None
 
 
+def without_reasoning(text: str) -> str:
+    """A generated reply's answer: the text after its think block, when it has one (what labels hold)."""
+    at = text.rfind("</think>")
+    return text[at + len("</think>"):].strip() if at >= 0 else text
+
+
 def call_dicts(calls: list[ToolCall] | tuple[ToolCall, ...]) -> list[dict[str, Any]]:
     return [{"name": c.name, "arguments": c.arguments} for c in calls]
