@@ -48,6 +48,13 @@ def test_f32_export_round_trips_exactly_through_the_gguf_loader(tmp_path, tiny_m
     saved = load_saved_template(back, tb)
     assert saved is not None and saved.name == "chatml" and saved.user_format.startswith("<|im_start|>user")
     assert leftovers(out.parent) == ["tiny.gguf"]
+    assert gguf_export.read_sftlab_template(out)["name"] == "chatml"
+
+
+def test_a_gguf_from_elsewhere_has_no_sftlab_template():
+    from sftlab.models.bundled import bundled_gguf_path
+
+    assert gguf_export.read_sftlab_template(bundled_gguf_path()) is None
 
 
 def test_f16_file_holds_f16_matrices_f32_norms_and_the_training_template(tmp_path, tiny_model_dir, cache):

@@ -124,10 +124,14 @@ def test_llama_cpp_builds_the_training_prompt_and_generates_the_same_tokens(name
 # ---- the bundled SmolLM2 after a few LoRA steps --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm_lora(tmp_path_factory):
+    return train_smollm_lora(tmp_path_factory.mktemp("smollm") / "lora")
+
+
+def train_smollm_lora(out: Path) -> Path:
+    """A few LoRA steps of the bundled SmolLM2 on the demo data (also used by benchmarks/gguf_quantization.py)."""
     from sftlab.config import parse_config
     from sftlab.workflow import run_sft
 
-    out = tmp_path_factory.mktemp("smollm") / "lora"
     cfg = parse_config([], overrides=dict(
         model_name_or_path="smollm2-135m-instruct", finetuning_type="lora", lora_rank=8, lora_target=["all"],
         train_file=str(REPO / "examples/demo/train.jsonl"), output_dir=str(out), cutoff_len=96, max_steps=4,

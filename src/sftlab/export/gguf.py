@@ -234,8 +234,8 @@ def _write(path: Path, plan: GGUFPlan, model, tokenizer, template: Template, dty
     writer = gguf.GGUFWriter(str(path), plan.architecture)
     try:
         _add_hparams(writer, config, dtype)
+        writer.add_string(TEMPLATE_KEY, json.dumps(template.to_dict(), ensure_ascii=False))  # before the vocabulary
         _add_vocab(writer, plan, tokenizer, template, config.vocab_size)
-        writer.add_string(TEMPLATE_KEY, json.dumps(template.to_dict(), ensure_ascii=False))
         for name, data in tensors:
             writer.add_tensor(name, data)
         writer.write_header_to_file()
@@ -373,10 +373,51 @@ def _quantize(src: Path, dst: Path, quantization: str) -> None:
 
 # ---- reading back ------------------------------------------------------------------------------------------------
 def read_sftlab_template(gguf_file: str | os.PathLike) -> dict[str, Any] | None:
-    """The sftlab template stored in a GGUF by this export, or None for GGUF files from elsewhere."""
+    """The sftlab template stored in a GGUF by this export, or None for GGUF files from elsewhere.
+
+    Reads the metadata in order and stops at the key (written before the vocabulary), skipping arrays by their
+    sizes: gguf.GGUFReader would first decode the whole vocabulary, a minute on a busy CPU."""
+    import struct
+
     import gguf
 
-    field = gguf.GGUFReader(str(gguf_file)).fields.get(TEMPLATE_KEY)
-    if field is None:
-        return None
-    return json.loads(field.contents())
+    with open(gguf_file, "rb") as f:
+        magic, _version, _n_tensors, n_kv = struct.unpack("<IIQQ", f.read(24))
+        if magic != gguf.GGUF_MAGIC:
+            raise ConfigError(f"{gguf_file}: not a GGUF file")
+        for _ in range(n_kv):
+            key = _read_str(f)
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if key == TEMPLATE_KEY and vtype == gguf.GGUFValueType.STRING:
+                return json.loads(_read_str(f))
+            _skip_value(f, vtype)
+    return None
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+
+
+def _read_str(f) -> str:
+    import struct
+
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8")
+
+
+def _skip_value(f, vtype: int) -> None:
+    import struct
+
+    import gguf
+
+    if vtype == gguf.GGUFValueType.STRING:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, 1)
+    elif vtype == gguf.GGUFValueType.ARRAY:
+        item, count = struct.unpack("<IQ", f.read(12))
+        if item in _SCALAR_SIZES:
+            f.seek(count * _SCALAR_SIZES[item], 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    else:
+        f.seek(_SCALAR_SIZES[vtype], 1)
