@@ -165,7 +165,12 @@ def save_final_model(trainer) -> None:
     """trainer.save_model() into output_dir, with a full disk reported as a CheckpointSaveError naming what survives."""
     out = trainer.args.output_dir
     try:
-        trainer.save_model()
+        if getattr(trainer, "is_fsdp_enabled", False):
+            from sftlab.train.distributed import save_full_model
+
+            save_full_model(trainer, out)
+        else:
+            trainer.save_model()
     except Exception as e:
         full = _disk_full(e, out)
         if not (full or isinstance(e, OSError)):

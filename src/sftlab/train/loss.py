@@ -325,6 +325,9 @@ def compute_sft_loss(
     model_inputs = _model_inputs(base, inputs, next(base.parameters()).dtype)
     _check_attention(base, model_inputs, shift_labels.shape[0])
 
+    if _is_sharded(lm_head):
+        return _sharded_head_loss(model, model_inputs, shift_labels, lm_head, softcap, chunk_size, return_correct,
+                                  recompute_chunks)
     captured: list[torch.Tensor] = []
     forward_autocast: list[torch.dtype | None] = []
 
@@ -365,6 +368,57 @@ def compute_sft_loss(
           if amp_dtype is not None and not torch.is_autocast_enabled(device_type) else nullcontext()):
         loss_sum, n_correct = _head_loss(h, targets, lm_head, softcap, chunk_size, return_correct, recompute_chunks)
     return LossParts(loss_sum=loss_sum, n_tokens=n_tokens, n_correct=n_correct if return_correct else None)
+
+
+def _is_sharded(lm_head: torch.nn.Module) -> bool:
+    """True when FSDP2 (``fully_shard``) manages the head: its weight is whole only inside the model's forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed support
+        return False
+    return isinstance(lm_head, FSDPModule)
+
+
+def _sharded_head_loss(model, model_inputs: dict, shift_labels: torch.Tensor, lm_head: torch.nn.Module,
+                       softcap: float | None, chunk_size: int, return_correct: bool,
+                       recompute_chunks: bool) -> LossParts:
+    """The SFT loss with an FSDP2-sharded head, computed *inside* the head's forward call.
+
+    FSDP gathers a sharded module's weight only around its forward (and its backward, triggered by gradients
+    reaching that forward's outputs); outside it the weight is a shard. So instead of skipping the head and
+    projecting the captured hidden states afterwards, the model runs with every position kept and the head's
+    forward is replaced, for this call only, by the loss over the trained positions: the same fused or chunked
+    computation as ``compute_sft_loss``, on the gathered weight, and its summed loss is the head's output, so
+    FSDP's hooks see it and reduce the head's gradient after its backward."""
+    keep = shift_labels != IGNORE_INDEX
+    targets = shift_labels[keep]
+    result: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    def project(x):
+        return F.linear(x, lm_head.weight, lm_head.bias)
+
+    def head_forward(hidden_states):
+        if hidden_states.shape[:2] != shift_labels.shape:
+            raise ConfigError(f"decoder output {tuple(hidden_states.shape[:2])} does not line up with the labels "
+                              f"{tuple(shift_labels.shape)}")
+        h = hidden_states[keep]
+        if (h.shape[0] and torch.is_grad_enabled() and not return_correct and softcap is None
+                and isinstance(lm_head, torch.nn.Linear)):
+            loss_sum, n_correct = fused_linear_cross_entropy(h, lm_head, targets, chunk_size), None
+        else:
+            loss_sum, n_correct = _head_loss(h, targets, project, softcap, chunk_size, return_correct,
+                                             recompute_chunks)
+        result.append((loss_sum, n_correct))
+        return loss_sum
+
+    lm_head.forward = head_forward  # an instance attribute: nn.Module.__call__ (and FSDP's hooks) run around it
+    try:
+        model(**model_inputs, use_cache=False, logits_to_keep=0)
+    finally:
+        del lm_head.forward
+    if len(result) != 1:
+        raise RuntimeError(f"expected one LM head call, saw {len(result)}")
+    loss_sum, n_correct = result[0]
+    return LossParts(loss_sum=loss_sum, n_tokens=keep.sum(), n_correct=n_correct)
 
 
 def _head_loss(h, targets, lm_head, softcap, chunk_size, return_correct, recompute_chunks):

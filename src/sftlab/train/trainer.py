@@ -53,6 +53,9 @@ class SFTTrainer(Trainer):
                  **kwargs):
         """``batch_hook``: called on the inputs of every forward pass (after a token-budget split), before the
         loss; it may reshape the batch (e.g. pad it, see ``sftlab.accel``) but must not change the results."""
+        from sftlab.train.distributed import die_with_launcher
+
+        die_with_launcher()  # a worker never outlives a killed torchrun / accelerate launch
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
         self.max_tokens_per_forward = max_tokens_per_forward
@@ -63,6 +66,17 @@ class SFTTrainer(Trainer):
         self._eval_sums = None
         # Trainer only counts num_items_in_batch when it believes the model takes loss kwargs; we always want it.
         self.model_accepts_loss_kwargs = True
+        if self.is_fsdp_enabled:
+            from sftlab.train.distributed import ShardReport
+
+            self.add_callback(ShardReport(lambda: self))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        # On CPU ranks accelerate leaves FSDP off; sftlab.train.distributed turns it on (FSDP2).
+        super().create_accelerator_and_postprocess()
+        from sftlab.train.distributed import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu(self)
 
     # ---- training --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
