@@ -118,54 +118,19 @@ def check_halved(output: str, model) -> None:
         assert abs(s - trainable) <= 0.01 * trainable + 1024  # exp_avg + exp_avg_sq, halved; plus step scalars
 
 
-def test_fsdp_full_finetuning_matches_one_process(tmp_path, model_dir, data_file, cache_dir, reference, capsys):
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "fsdp"
-    output = finish(torchrun(["--nproc_per_node", "2", *fsdp_argv(model_dir, data_file, out, cache_dir)]))
-    ref = reference("full")
-    with capsys.disabled():
-        check_like_one_process(out, ref, "FSDP2 2x2 vs 1x4, full fine-tuning")
-        check_halved(output, AutoModelForCausalLM.from_pretrained(model_dir))
-    # Checkpoints are distributed checkpoints: a shard file per rank for the model and for the optimizer.
-    ckpt = out / f"checkpoint-{SAVE_STEPS}"
-    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
-        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-        assert (ckpt / part / ".metadata").is_file()
-    assert not (ckpt / "model.safetensors").exists() and not list(out.glob("tmp-*"))
-    # The final output is an ordinary transformers directory: plain from_pretrained, same logits as the reference.
+def test_fsdp_full_finetuning_killed_and_rerun_matches_one_process(tmp_path, model_dir, data_file, cache_dir,
+                                                                   reference, capsys):
+    """Full fine-tuning, 2 ranks: SIGKILL of the launcher after the first checkpoint, the same command again, and
+    the result is the 1-process run's; checkpoints are distributed checkpoints; the output loads in transformers."""
     import torch
-
-    ids = torch.tensor([[1, 20, 30, 40, 50]])
-    ours = AutoModelForCausalLM.from_pretrained(str(out))
-    theirs = AutoModelForCausalLM.from_pretrained(ref)
-    assert float((ours(ids).logits - theirs(ids).logits).abs().max()) < 1e-4
-
-
-def test_fsdp_lora_matches_one_process(tmp_path, model_dir, data_file, cache_dir, capsys):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    # No LoRA dropout: its random masks are drawn per rank, so 2 ranks cannot draw what 1 process draws.
-    lora = dict(finetuning_type="lora", lora_dropout=0.0)
-    ref = tmp_path / "one-process"
-    assert run_inprocess(train_argv(model_dir, data_file, str(ref), cache_dir, **lora)) == 0
-    out = tmp_path / "fsdp"
-    output = finish(torchrun(["--nproc_per_node", "2", *fsdp_argv(model_dir, data_file, out, cache_dir, **lora)]))
-    with capsys.disabled():
-        check_like_one_process(out, str(ref), "FSDP2 2x2 vs 1x4, LoRA")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out), is_trainable=True)
-        check_halved(output, model)
-    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
-
-
-def test_fsdp_sigkill_then_rerun_equals_uninterrupted(tmp_path, model_dir, data_file, cache_dir, reference, capsys):
     out = tmp_path / "fsdp"
     args = ["--nproc_per_node", "2", *fsdp_argv(model_dir, data_file, out, cache_dir)]
     proc = torchrun(args)
-    ckpt = out / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
+    ckpt = out / f"checkpoint-{SAVE_STEPS}"
     deadline = time.monotonic() + 300
-    while not ckpt.is_file():
+    while not (ckpt / "trainer_state.json").is_file():
         assert proc.poll() is None, proc.communicate()[0][-5000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
@@ -181,9 +146,21 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(tmp_path, model_dir, data_
     output = finish(torchrun(args))
     assert f"resuming from {out / f'checkpoint-{newest}'}" in output
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
-    assert not list(out.glob("tmp-*"))
+    ref = reference("full")
     with capsys.disabled():
-        check_like_one_process(out, reference("full"), f"FSDP2 killed after checkpoint-{newest}, rerun, vs 1x4")
+        check_like_one_process(out, ref, f"FSDP2 2x2 killed after checkpoint-{newest} and rerun vs 1x4, full FT")
+        check_halved(output, AutoModelForCausalLM.from_pretrained(model_dir))
+    # Checkpoints are distributed checkpoints: a shard file per rank for the model and for the optimizer; nothing
+    # half-written is left.
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert (ckpt / part / ".metadata").is_file()
+    assert not (ckpt / "model.safetensors").exists() and not list(out.glob("tmp-*"))
+    # The final output is an ordinary transformers directory: plain from_pretrained, the reference's logits.
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    ours = AutoModelForCausalLM.from_pretrained(str(out))
+    theirs = AutoModelForCausalLM.from_pretrained(ref)
+    assert float((ours(ids).logits - theirs(ids).logits).abs().max()) < 1e-4
 
 
 def _free_port() -> int:
@@ -192,17 +169,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_node_launch_matches_one_process(tmp_path, model_dir, data_file, cache_dir, reference, capsys):
-    """Two torchrun launchers as on two machines (c10d rendezvous on localhost), one rank each, FSDP across them."""
+def test_two_node_launch_lora_matches_one_process(tmp_path, model_dir, data_file, cache_dir, capsys):
+    """Two torchrun launchers as on two machines (c10d rendezvous on localhost), one rank each, LoRA with FSDP2
+    across them; the adapter equals a 1-process run's and loads in plain peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # No LoRA dropout: its random masks are drawn per rank, so 2 ranks cannot draw what 1 process draws.
+    lora = dict(finetuning_type="lora", lora_dropout=0.0)
+    ref = tmp_path / "one-process"
+    assert run_inprocess(train_argv(model_dir, data_file, str(ref), cache_dir, **lora)) == 0
     out = tmp_path / "two-nodes"
     port = _free_port()
     nodes = [torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank), "--rdzv_backend", "c10d",
                        "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "sftlab-test",
-                       *fsdp_argv(model_dir, data_file, out, cache_dir)]) for rank in (0, 1)]
-    outputs = [finish(p) for p in nodes]
+                       *fsdp_argv(model_dir, data_file, out, cache_dir, **lora)]) for rank in (0, 1)]
+    output = "".join(finish(p) for p in nodes)
     with capsys.disabled():
-        check_like_one_process(out, reference("full"), "two 1-rank nodes (FSDP2) vs 1x4")
-    assert sorted(held_bytes(outputs[0] + outputs[1])) == [0, 1]
+        check_like_one_process(out, str(ref), "two 1-rank nodes (FSDP2) vs 1x4, LoRA")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(out),
+                                          is_trainable=True)
+        check_halved(output, model)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
 
 
 def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, model_dir, data_file, cache_dir):
