@@ -12,12 +12,17 @@ import pytest
 from sftlab.config import parse_config
 from sftlab.data.dataset import tokenize_files
 from sftlab.data.templates import load_template
+from sftlab.data.tools import tools_block
 from sftlab.errors import DataError
 from sftlab.workflow import encode_settings
 from tests.data.test_tools import trained_runs
 
 ASSETS = Path(__file__).parent.parent / "assets" / "llamafactory" / "data"
 FN = {"name": "lookup", "description": "Look a word up", "parameters": {"type": "object"}}
+DIALOG = [{"role": "customer", "text": "Define cat"},
+          {"role": "call", "text": json.dumps({"name": "lookup", "arguments": {"word": "cat"}})},
+          {"role": "result", "text": "feline"},
+          {"role": "agent", "text": "A feline."}]
 
 
 def write(path: Path, obj) -> str:
@@ -32,21 +37,20 @@ def data_dir(tmp_path):
     info = {
         "alpaca_renamed": {
             "file_name": write(d / "a.json", [{"q": "Define", "ctx": "cat", "a": "A small feline.",
-                                               "hist": [["Hi", "Hello."]], "sys": "Be exact."}]),
-            "columns": {"prompt": "q", "query": "ctx", "response": "a", "history": "hist", "system": "sys"}},
+                                               "hist": [["Hi", "Hello."]], "sys": "Be exact.", "fns": [FN]}]),
+            "columns": {"prompt": "q", "query": "ctx", "response": "a", "history": "hist", "system": "sys",
+                        "tools": "fns"}},
         "sharegpt_tagged": {
-            "file_name": write(d / "s.jsonl", [{"dialog": [
-                {"role": "customer", "text": "Define cat"},
-                {"role": "call", "text": json.dumps({"name": "lookup", "arguments": {"word": "cat"}})},
-                {"role": "result", "text": "feline"},
-                {"role": "agent", "text": "A feline."}], "sys_prompt": "Be exact.", "fns": [FN]}]),
+            "file_name": write(d / "s.json", [{"dialog": DIALOG, "sys_prompt": "Be exact.", "fns": [FN]},
+                                              {"dialog": [{"role": "sys", "text": "Be exact."}, *DIALOG],
+                                               "fns": [FN]}]),
             "formatting": "sharegpt",
             "columns": {"messages": "dialog", "system": "sys_prompt", "tools": "fns"},
             "tags": {"role_tag": "role", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent",
                      "observation_tag": "result", "function_tag": "call", "system_tag": "sys"}},
         "glaive_toolcall_en_demo": json.loads((ASSETS / "dataset_info.json").read_text())["glaive_toolcall_en_demo"],
         "on_the_hub": {"hf_hub_url": "someone/data"},
-        "pictures": {"file_name": "s.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog",
+        "pictures": {"file_name": "s.json", "formatting": "sharegpt", "columns": {"messages": "dialog",
                                                                                   "images": "images"}},
     }
     (d / "glaive_toolcall_en_demo.json").write_text((ASSETS / "glaive_toolcall_en_demo.json").read_text())
@@ -64,7 +68,8 @@ def test_alpaca_columns(data_dir, tmp_path, smol_tokenizer):
     assert cfg.data.train_file == [str(data_dir / "a.json")]
     (ex,), _ = encode(cfg, smol_tokenizer, cfg.data.train_file, tmp_path)
     assert smol_tokenizer.decode(ex["input_ids"]) == (
-        "<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello."
+        "<|im_start|>system\nBe exact.\n\n" + tools_block([{"type": "function", "function": FN}]) + "<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello."
         "<|im_end|>\n<|im_start|>user\nDefine\ncat<|im_end|>\n<|im_start|>assistant\nA small feline.<|im_end|>\n")
 
 
@@ -72,7 +77,8 @@ def test_sharegpt_columns_and_tags(data_dir, tmp_path, smol_tokenizer):
     """Roles by the entry's tags (customer, agent, call = the function tag, result = the observation tag), turns by
     its role/content tags, conversation, system and tools by its columns."""
     cfg = parse_config(["--dataset", "sharegpt_tagged", "--dataset_dir", str(data_dir)])
-    (ex,), _ = encode(cfg, smol_tokenizer, cfg.data.train_file, tmp_path)
+    (ex, same), _ = encode(cfg, smol_tokenizer, cfg.data.train_file, tmp_path)
+    assert ex == same  # the system column and a system-tagged turn read alike
     text = smol_tokenizer.decode(ex["input_ids"])
     assert text.startswith("<|im_start|>system\nBe exact.\n\n# Tools\n") and json.dumps(FN) in text
     assert text.endswith("<|im_start|>user\nDefine cat<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"

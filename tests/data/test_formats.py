@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sftlab.data import formats as F
@@ -70,3 +72,27 @@ def test_bad_weights(item, needle):
 def test_training_a_user_turn_is_an_error():
     with pytest.raises(DataError, match=r"field 'messages\[0\].loss_weight': only assistant turns can be trained"):
         messages_of({"messages": [{**CONV[0], "loss_weight": 1}, CONV[1]]})
+
+
+def test_llamafactory_v1_reasoning_and_tool_call_parts():
+    from tests.data.test_tools import OPENAI_ROW, WEATHER
+
+    v1 = messages_of({"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Weather in Paris?"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [
+            {"type": "reasoning", "value": "I need the weather."},
+            {"type": "tool_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})}],
+         "loss_weight": 1.0},
+        {"role": "tool", "content": [{"type": "text", "value": "{\"temp\": 21}"}]},
+        {"role": "assistant", "content": [{"type": "text", "value": "It is 21 degrees."}], "loss_weight": 1.0}],
+        "tools": json.dumps([WEATHER])})
+    openai = messages_of(OPENAI_ROW)
+    strip = lambda m: (m.role, m.content, [(c.name, c.arguments) for c in m.tool_calls])  # noqa: E731
+    assert [strip(m) for m in v1] == [strip(m) for m in openai]
+    assert v1[1].reasoning == "I need the weather." and v1[1].train is True and v1[0].train is False
+
+
+def test_reasoning_part_on_a_user_turn_is_an_error():
+    with pytest.raises(DataError, match=r"field 'messages\[0\].content': reasoning and tool_call parts belong to "
+                                        r"assistant turns"):
+        messages_of({"messages": [{"role": "user", "content": [{"type": "reasoning", "value": "x"}]}, CONV[1]]})

@@ -159,29 +159,40 @@ def _drop_exchanges(msgs: list[Message], drop: int) -> list[Message] | None:
 
 
 # ---- one message ------------------------------------------------------------------------------------------------
-def _text_content(ctx: _Ctx, content: Any, where: str) -> str | None:
-    """A string, or a list of text parts (OpenAI {"type": "text", "text"}, LLaMA-Factory v1 {"type": "text",
-    "value"}) joined; other parts are multimodal, which sftlab does not train."""
+def _scalar_text(ctx: _Ctx, content: Any, where: str) -> str | None:
+    if content is not None and (isinstance(content, bool) or not isinstance(content, (str, int, float))):
+        raise ctx.err(f"expected a string or a list of text parts, found {type(content).__name__}", where)
+    return None if content is None else str(content)
+
+
+def _content(ctx: _Ctx, content: Any, where: str) -> tuple[str | None, str | None, tuple[ToolCall, ...]]:
+    """(text, reasoning, tool calls) of a message's content: a string, or a list of parts. Text parts (OpenAI
+    {"type": "text", "text"}, LLaMA-Factory v1 {"type": "text", "value"}) are joined; LLaMA-Factory v1's
+    {"type": "reasoning", "value"} and {"type": "tool_call", "value": <call JSON>} parts give the reasoning and the
+    calls; any other part is multimodal, which sftlab does not train."""
     if not isinstance(content, list):
-        if content is not None and (isinstance(content, bool) or not isinstance(content, (str, int, float))):
-            raise ctx.err(f"expected a string or a list of text parts, found {type(content).__name__}", where)
-        return None if content is None else str(content)
-    texts = []
+        return _scalar_text(ctx, content, where), None, ()
+    texts, thoughts, calls = [], [], []
     for j, part in enumerate(content):
+        at = f"{where}[{j}]"
         if isinstance(part, str):
             texts.append(part)
             continue
         if not isinstance(part, dict):
-            raise ctx.err(f"expected a content part object, found {type(part).__name__}", f"{where}[{j}]")
+            raise ctx.err(f"expected a content part object, found {type(part).__name__}", at)
         kind = part.get("type", "text")
-        if kind != "text":
+        value = part.get(kind) if isinstance(part.get(kind), str) else part.get("text", part.get("value"))
+        if kind == "tool_call":
+            value = next((part[k] for k in ("value", "tool_call", "text") if part.get(k) is not None), None)
+            calls.append(_tool_call(ctx, _json_value(ctx, value, f"{at}.value", "the tool call"), f"{at}.value"))
+            continue
+        if kind not in ("text", "reasoning", "thinking"):
             raise ctx.err(f"content part of type '{kind}' is not supported: sftlab trains on text only "
-                          "(multimodal data is out of scope)", f"{where}[{j}].type")
-        text = part.get("text", part.get("value"))
-        if not isinstance(text, str):
-            raise ctx.err("a text part needs a string 'text' (or 'value')", f"{where}[{j}]")
-        texts.append(text)
-    return "".join(texts)
+                          "(multimodal data is out of scope)", f"{at}.type")
+        if not isinstance(value, str):
+            raise ctx.err(f"a {kind} part needs a string 'text' (or 'value')", at)
+        (texts if kind == "text" else thoughts).append(value)
+    return "".join(texts), ("".join(thoughts) if thoughts else None), tuple(calls)
 
 
 def _json_value(ctx: _Ctx, value: Any, where: str, what: str) -> Any:
@@ -235,8 +246,7 @@ def _reasoning(ctx: _Ctx, item: dict, content: str, where: str) -> tuple[str | N
     """(reasoning, answer): a reasoning_content / thinking field, or a leading <think>...</think> block."""
     for key in REASONING_KEYS:
         if item.get(key) is not None:
-            value = _text_content(ctx, item[key], f"{where}.{key}")
-            return value, content
+            return _content(ctx, item[key], f"{where}.{key}")[0], content
     found = _THINK.match(content)
     if found:
         return found.group(1).strip("\n"), content[found.end():]
@@ -251,7 +261,10 @@ def _message(ctx: _Ctx, item: Any, where: str, role_key: str, content_key: str, 
     if role is None:
         raise ctx.err(f"unknown role '{role_raw}'; known: {sorted(role_map)} (extend with sharegpt_role_map)",
                       f"{where}.{role_key}")
-    content = _text_content(ctx, item.get(content_key), f"{where}.{content_key}")
+    content, part_reasoning, part_calls = _content(ctx, item.get(content_key), f"{where}.{content_key}")
+    if (part_reasoning is not None or part_calls) and role not in ("assistant", FUNCTION_CALL):
+        raise ctx.err(f"reasoning and tool_call parts belong to assistant turns; this turn is '{role}'",
+                      f"{where}.{content_key}")
     if role == FUNCTION_CALL:
         if content is None:
             raise ctx.err("missing (or null)", f"{where}.{content_key}")
@@ -259,16 +272,16 @@ def _message(ctx: _Ctx, item: Any, where: str, role_key: str, content_key: str, 
         calls = calls if isinstance(calls, list) else [calls]
         return Message("assistant", "", tool_calls=tuple(_tool_call(ctx, c, f"{where}.{content_key}") for c in calls),
                        train=_train_flag(ctx, item, where, "assistant"))
-    tool_calls = ()
+    tool_calls = part_calls
     if role == "assistant" and item.get("tool_calls"):
         raw = ctx.get_list("tool_calls", obj=item, where=f"{where}.tool_calls")
-        tool_calls = tuple(_tool_call(ctx, c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw))
+        tool_calls += tuple(_tool_call(ctx, c, f"{where}.tool_calls[{j}]") for j, c in enumerate(raw))
     if content is None:
         if not tool_calls:
             raise ctx.err("missing (or null)", f"{where}.{content_key}")
         content = ""
-    reasoning = None
-    if role == "assistant":
+    reasoning = part_reasoning
+    if role == "assistant" and reasoning is None:
         reasoning, content = _reasoning(ctx, item, content, where)
     extra = {}
     if role == "tool":
