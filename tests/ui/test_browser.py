@@ -114,6 +114,9 @@ def test_browser_session(ui_workspace):
             page.wait_for_function(f"() => +document.querySelector('#chart-loss svg')?.dataset.points > {first}",
                                    timeout=120_000)
             assert state_of(page) == "running"
+            page.hover("#chart-loss svg")  # the hover read-out names the series and the step
+            expect(page.locator("#tooltip")).to_contain_text("train loss (raw)")
+            expect(page.locator("#tooltip")).to_contain_text("(step ")
             shot(page, "run-live")
 
             # One run at a time: a second launch is refused with a message.

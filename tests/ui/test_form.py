@@ -70,3 +70,15 @@ def test_yaml_editor_is_parsed_as_a_config_file(tmp_path, monkeypatch):
     assert not res["ok"] and "YAML line" in res["errors"]["_form"]
     res = form.check(tmp_path, {"yaml": "train_file: d.jsonl\nlora_rnak: 4\n", "preview": False})
     assert "lora_rank" in res["errors"]["_form"]
+
+
+@pytest.mark.parametrize("model, ok", [("smollm2-135m-instruct", True), ("HuggingFaceTB/SmolLM2-135M", True),
+                                       ("models/tiny", True), ("/opt/models/x", False), ("../x", False),
+                                       ("a/b/../../../x", False)])
+def test_model_paths(tmp_path, model, ok):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    if ok:
+        form.check_model_path(tmp_path, model)
+    else:
+        with pytest.raises(ConfigError, match="model_name_or_path"):
+            form.check_model_path(tmp_path, model)

@@ -227,6 +227,10 @@ def build_app(workspace: Path, token: str | None = None, loopback: bool = True, 
             model = (config.get("model") or {}).get("model_name_or_path")
             if not model:
                 return _error(SftlabError(f"{body.get('name')}: no base model recorded in sftlab_config.yaml"))
+            try:
+                form.check_model_path(ui.workspace, model)
+            except SftlabError as e:
+                return _error(e)
             template_dir = path
         else:
             model, template_dir = str(path), None

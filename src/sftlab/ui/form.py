@@ -134,8 +134,14 @@ def _check_paths(workspace: Path, cfg) -> None:
         resolve_inside(workspace, cfg.training.output_dir)
     except OutsideWorkspace as e:
         raise ConfigError(f"output_dir: {e}") from None
-    model = cfg.model.model_name_or_path
-    if model != BUNDLED_MODEL and ("/" in model or (workspace / model).exists() or model.startswith((".", "~"))):
+    check_model_path(workspace, cfg.model.model_name_or_path)
+
+
+def check_model_path(workspace: Path, model: str) -> None:
+    """A local model (a path, or a name that exists in the workspace) must lie inside the workspace; the bundled
+    model and hub ids (org/name, read from the local cache) are names, not paths."""
+    looks_like_path = model.startswith(("/", ".", "~")) or (workspace / model).exists() or model.count("/") > 1
+    if model != BUNDLED_MODEL and looks_like_path:
         try:
             resolve_inside(workspace, model)
         except OutsideWorkspace as e:
