@@ -469,6 +469,11 @@ def bf16_is_fast() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
+def training_amp(training) -> str | None:
+    """The mixed precision a run trains with: "bf16", "fp16" or None."""
+    return "bf16" if training.bf16 else "fp16" if training.fp16 else None
+
+
 def make_training_args(values: dict[str, Any]):
     import torch
     from transformers import Seq2SeqTrainingArguments

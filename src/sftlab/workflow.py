@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftlab.config import Config, save_config
+from sftlab.config import Config, save_config, training_amp
 from sftlab.data.dataset import DataSummary, EncodeSettings, prediction_items, split_off, tokenize_files
 from sftlab.data.formats import FileFormat, FormatOptions
 from sftlab.data.templates import Template, load_saved_template, load_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError
+from sftlab.train.checkpoint import find_resume_checkpoint
 from sftlab.outputs import plot_loss, write_json, write_model_card
 
 
@@ -168,37 +169,6 @@ class ListDataset:
         return self.items[i]
 
 
-def find_resume_checkpoint(cfg: Config) -> str | None:
-    t = cfg.training
-    if t.resume_from_checkpoint:
-        if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "1", "yes"):
-            ckpt = newest_checkpoint(t.output_dir)
-            if ckpt is None:
-                raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {t.output_dir}")
-            return ckpt
-        if not os.path.isdir(t.resume_from_checkpoint):
-            raise ConfigError(f"resume_from_checkpoint: not a directory: {t.resume_from_checkpoint}")
-        return t.resume_from_checkpoint
-    if cfg.finetuning.overwrite_output_dir or getattr(t, "overwrite_output_dir", False):
-        return None
-    return newest_checkpoint(t.output_dir)
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N in output_dir that was completely written (has its trainer_state.json)."""
-    import re
-
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        m = re.fullmatch(r"checkpoint-(\d+)", name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
-            found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
-
-
 def speed_up_for_cpu(model, cfg: Config):
     """sftlab.accel's speed paths on CPU (same results); returns the batch hook for the trainer, or None."""
     if cfg.training.device.type != "cpu":
@@ -216,45 +186,56 @@ def speed_up_for_cpu(model, cfg: Config):
     return applied.batch_hook
 
 
-# ---- the workflow ---------------------------------------------------------------------------------------------
+# ---- the workflow: setup -> fit -> evaluate -> predict -> write outputs -----------------------------------
+@dataclass
+class Run:
+    """What `setup` prepares for the verbs that follow."""
+
+    cfg: Config
+    tokenizer: Any
+    template: Template
+    data: Datasets
+    trainer: Any
+    base_path: str | None = None
+    retriever: Any = None
+    predict_items: list | None = None
+    resume: str | None = None
+    started: float = field(default_factory=time.time)
+
+
 def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Train / evaluate / predict as selected by do_train, do_eval, do_predict; returns all metrics."""
-    from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
+    run = setup(cfg, callbacks)
+    t = cfg.training
+    metrics: dict[str, Any] = {}
+    if t.do_train:
+        metrics.update(fit(run))
+    if t.do_eval and run.trainer.eval_dataset is not None:
+        metrics.update(evaluate(run))
+    if t.do_predict and run.predict_items:
+        metrics.update(predict(run))
+    if run.retriever is not None and cfg.data.test_file:
+        from sftlab.rqa.e2e import run_e2e_test
 
-    from sftlab.data.collator import SFTCollator, mask_mode_for_attention
-    from sftlab.models.load import count_parameters, load_model, load_tokenizer, resolve_model_path
-    from sftlab.train.callbacks import GracefulStop, LogCallback
-    from sftlab.train.checkpoint import save_final_model
-    from sftlab.train.trainer import CountingCollator, SFTTrainer
+        metrics.update(run_e2e_test(run.trainer, cfg, run.tokenizer, run.template, run.retriever))
+    write_outputs(run, metrics)
+    return metrics
+
+
+def setup(cfg: Config, callbacks: list | None = None) -> Run:
+    """Checks, tokenizer and template, data, model and trainer: everything before the first step."""
+    from transformers import set_seed
+
+    from sftlab.models.load import count_parameters, load_model
 
     preflight(cfg)
     t = cfg.training
-    started = time.time()
-    model_path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
-    tokenizer = load_tokenizer(model_path)
-    template = resolve_template(cfg, tokenizer, model_path)
-    check_template_tokens(tokenizer, template)
-    log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}; "
-        f"{template.describe_tools()}")
-    retriever = None
-    if cfg.rqa.full_dataset_file_path:
-        from sftlab.rqa.e2e import open_rqa_retriever
-
-        retriever = open_rqa_retriever(cfg, tokenizer)
+    tokenizer, template = load_tokenizer_and_template(cfg)
+    retriever = open_retriever(cfg, tokenizer)
     data = build_datasets(cfg, tokenizer, template, retriever)
-    predict_items = None
-    if t.do_predict:
-        test_files = cfg.data.test_file
-        if cfg.data.rqa_context == "retrieved":
-            from sftlab.rqa.e2e import retrieved_context_files
-
-            test_files = retrieved_context_files(test_files, "test", cfg, retriever)
-        predict_items = prediction_items(test_files, tokenizer, template, encode_settings(cfg),
-                                         cfg.data.max_samples)
-        log(f"[test] {len(predict_items)} prompts for prediction")
-
-    resume = find_resume_checkpoint(cfg) if t.do_train else None
+    predict_items = load_prediction_items(cfg, tokenizer, template, retriever) if t.do_predict else None
+    resume = find_resume_checkpoint(t.output_dir, t.resume_from_checkpoint, cfg.finetuning.overwrite_output_dir
+                                    or getattr(t, "overwrite_output_dir", False)) if t.do_train else None
     if t.do_train and data.train:
         from sftlab.report import ensure_run_estimate
 
@@ -265,96 +246,143 @@ def run_sft(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         trainable, total = count_parameters(model)
         log(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, "
             f"{cfg.finetuning.finetuning_type}); bf16 autocast {'on' if t.bf16 else 'off'}")
-    batch_hook = speed_up_for_cpu(model, cfg) if t.do_train else None
+    trainer = build_trainer(cfg, model, tokenizer, template, data, callbacks)
+    if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
+        from sftlab.rqa.e2e import attach_e2e_callback
 
-    trainer_box: list = []
-    cbs = [LogCallback(lambda: trainer_box[0], t.output_dir), GracefulStop(), *(callbacks or [])]
+        attach_e2e_callback(trainer, cfg, tokenizer, template, retriever)
+    if trainer.is_world_process_zero():
+        save_run_files(cfg, template, t.output_dir)
+    return Run(cfg=cfg, tokenizer=tokenizer, template=template, data=data, trainer=trainer, base_path=base_path,
+               retriever=retriever, predict_items=predict_items, resume=resume)
+
+
+def load_tokenizer_and_template(cfg: Config):
+    from sftlab.models.load import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(model_path)
+    template = resolve_template(cfg, tokenizer, model_path)
+    check_template_tokens(tokenizer, template)
+    log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}; "
+        f"{template.describe_tools()}")
+    return tokenizer, template
+
+
+def open_retriever(cfg: Config, tokenizer):
+    if not cfg.rqa.full_dataset_file_path:
+        return None
+    from sftlab.rqa.e2e import open_rqa_retriever
+
+    return open_rqa_retriever(cfg, tokenizer)
+
+
+def load_prediction_items(cfg: Config, tokenizer, template: Template, retriever=None) -> list:
+    test_files = cfg.data.test_file
+    if cfg.data.rqa_context == "retrieved":
+        from sftlab.rqa.e2e import retrieved_context_files
+
+        test_files = retrieved_context_files(test_files, "test", cfg, retriever)
+    items = prediction_items(test_files, tokenizer, template, encode_settings(cfg), cfg.data.max_samples)
+    log(f"[test] {len(items)} prompts for prediction")
+    return items
+
+
+def save_run_files(cfg: Config, template: Template, directory: str) -> None:
+    """The resolved configuration and the template: saved in output_dir and beside every checkpoint."""
+    save_template(template, directory)
+    save_config(cfg, os.path.join(directory, "sftlab_config.yaml"))
+
+
+def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Datasets, callbacks: list | None):
+    from sftlab.data.collator import SFTCollator, mask_mode_for_attention
+    from sftlab.train.callbacks import GracefulStop
+    from sftlab.train.trainer import CountingCollator, SFTTrainer
+
+    t = cfg.training
+    batch_hook = speed_up_for_cpu(model, cfg) if t.do_train else None
     mask_mode = mask_mode_for_attention(model.config._attn_implementation)
     if mask_mode == "auto" and not cfg.data.packing and "train_sampling_strategy" not in cfg.explicit:
         # Padded batches (no varlen attention): grouping examples of similar length cuts the padding of batch-8
         # steps from 48% to 6% on benchmarks/throughput.py's data. Padding-free batches have nothing to save.
         t.train_sampling_strategy = "group_by_length"
-    collator = CountingCollator(SFTCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=None,
-                                            mask_mode=mask_mode))
-    train_ds = ListDataset(maybe_pack(data.train, cfg)) if data.train is not None else None
-    eval_ds = ListDataset(maybe_pack(data.eval, cfg)) if data.eval is not None else None
+    collator = CountingCollator(SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_mode=mask_mode))
     trainer = SFTTrainer(
-        model=model, args=t, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, callbacks=cbs,
+        model=model, args=t, data_collator=collator, processing_class=tokenizer,
+        train_dataset=ListDataset(maybe_pack(data.train, cfg)) if data.train is not None else None,
+        eval_dataset=ListDataset(maybe_pack(data.eval, cfg)) if data.eval is not None else None,
+        callbacks=[GracefulStop(), *(callbacks or [])],
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
-        max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward,
-        batch_hook=batch_hook,
+        max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward, batch_hook=batch_hook,
+        save_beside_checkpoint=lambda directory: save_run_files(cfg, template, directory),
     )
-    trainer_box.append(trainer)
-
-    def checkpoint_extras(directory: str) -> None:
-        save_template(template, directory)
-        save_config(cfg, os.path.join(directory, "sftlab_config.yaml"))
-
-    trainer.checkpoint_extras = checkpoint_extras
     wants_fsdp = bool(t.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if wants_fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate enables FSDP for GPU (and other accelerator) backends only; elsewhere it silently trains DDP.
         log("FSDP was requested but is not active on this device (accelerate enables it on GPUs only); "
             "training runs as plain data parallelism (DDP)")
-    trainer.remove_callback(PrinterCallback)  # LogCallback prints a readable line instead of raw dicts
-    if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
-        from sftlab.rqa.e2e import attach_e2e_callback
+    return trainer
 
-        attach_e2e_callback(trainer, cfg, tokenizer, template, retriever)
 
-    metrics: dict[str, Any] = {}
+def fit(run: Run) -> dict[str, Any]:
+    """Train (resuming where a checkpoint says), save the final model; train metrics with token rates."""
+    from sftlab.train.checkpoint import save_final_model
+    from sftlab.train.probe import peak_rss_bytes
+
+    trainer, t = run.trainer, run.cfg.training
+    if run.resume:
+        log(f"resuming from {run.resume} (pass --overwrite_output_dir true to start over)")
+    result = trainer.train(resume_from_checkpoint=run.resume)
+    save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
+    tokens, trained = trainer.global_token_counts()
+    runtime = result.metrics.get("train_runtime", time.time() - run.started)
+    metrics = dict(result.metrics)
+    metrics.update(
+        train_peak_rss_mb=round(peak_rss_bytes() / 2**20, 1),
+        train_tokens=tokens, train_trained_tokens=trained,
+        train_tokens_per_second=round(tokens / max(runtime, 1e-9), 2),
+        train_target_tokens_per_second=round(trained / max(runtime, 1e-9), 2),
+    )
     if trainer.is_world_process_zero():
-        save_config(cfg, os.path.join(t.output_dir, "sftlab_config.yaml"))
-        save_template(template, t.output_dir)
-    if t.do_train:
-        if resume:
-            log(f"resuming from {resume} (pass --overwrite_output_dir true to start over)")
-        result = trainer.train(resume_from_checkpoint=resume)
-        save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
-        tokens, trained = trainer.global_token_counts()
-        runtime = result.metrics.get("train_runtime", time.time() - started)
-        train_metrics = dict(result.metrics)
-        from sftlab.train.probe import peak_rss_bytes
-
-        train_metrics.update(
-            train_peak_rss_mb=round(peak_rss_bytes() / 2**20, 1),
-            train_tokens=tokens, train_trained_tokens=trained,
-            train_tokens_per_second=round(tokens / max(runtime, 1e-9), 2),
-            train_target_tokens_per_second=round(trained / max(runtime, 1e-9), 2),
-        )
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(t.output_dir)  # the template was saved before training
-            write_json(os.path.join(t.output_dir, "train_results.json"), train_metrics)
-            trainer.state.save_to_json(os.path.join(t.output_dir, "trainer_state.json"))
-        metrics.update(train_metrics)
-        log(f"train_loss {train_metrics.get('train_loss', float('nan')):.4f}, "
-            f"{train_metrics['train_tokens_per_second']:.1f} tokens/s "
-            f"({train_metrics['train_target_tokens_per_second']:.1f} trained tokens/s)")
-    if t.do_eval and eval_ds is not None:
-        eval_metrics = trainer.evaluate()
-        if t.predict_with_generate and cfg.data.eval_file:
-            # Generative evaluation, as LLaMA-Factory's predict_with_generate: ROUGE/BLEU/EM/F1 on the eval rows.
-            eval_items = prediction_items(cfg.data.eval_file, tokenizer, template, encode_settings(cfg),
-                                          cfg.data.max_samples)
-            eval_metrics.update(run_predict(cfg, trainer.model, tokenizer, template, eval_items, trainer,
-                                            prefix="eval", write_results=False))
-        metrics.update(eval_metrics)
-        if trainer.is_world_process_zero():
-            write_json(os.path.join(t.output_dir, "eval_results.json"), eval_metrics)
-        log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
-    if t.do_predict and predict_items:
-        metrics.update(run_predict(cfg, trainer.model, tokenizer, template, predict_items, trainer))
-    if retriever is not None and cfg.data.test_file:
-        from sftlab.rqa.e2e import run_e2e_test
-
-        metrics.update(run_e2e_test(trainer, cfg, tokenizer, template, retriever))
-    if t.do_train and trainer.is_world_process_zero():
-        if cfg.finetuning.plot_loss:
-            plot_loss(t.output_dir)
-        write_model_card(t.output_dir, cfg, base_path, template.name, metrics, [s.line() for s in data.summaries])
-        write_json(os.path.join(t.output_dir, "all_results.json"), metrics)
+        run.tokenizer.save_pretrained(t.output_dir)  # the template was saved before training
+        write_json(os.path.join(t.output_dir, "train_results.json"), metrics)
+        trainer.state.save_to_json(os.path.join(t.output_dir, "trainer_state.json"))
+    log(f"train_loss {metrics.get('train_loss', float('nan')):.4f}, "
+        f"{metrics['train_tokens_per_second']:.1f} tokens/s "
+        f"({metrics['train_target_tokens_per_second']:.1f} trained tokens/s)")
     return metrics
+
+
+def evaluate(run: Run) -> dict[str, Any]:
+    """Loss, perplexity and accuracy over the eval set; with predict_with_generate also ROUGE/BLEU/EM/F1."""
+    cfg, trainer = run.cfg, run.trainer
+    metrics = trainer.evaluate()
+    if cfg.training.predict_with_generate and cfg.data.eval_file:
+        # Generative evaluation, as LLaMA-Factory's predict_with_generate: ROUGE/BLEU/EM/F1 on the eval rows.
+        items = prediction_items(cfg.data.eval_file, run.tokenizer, run.template, encode_settings(cfg),
+                                 cfg.data.max_samples)
+        metrics.update(run_predict(cfg, trainer.model, run.tokenizer, run.template, items, trainer,
+                                   prefix="eval", write_results=False))
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(cfg.training.output_dir, "eval_results.json"), metrics)
+    log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
+
+
+def predict(run: Run) -> dict[str, Any]:
+    return run_predict(run.cfg, run.trainer.model, run.tokenizer, run.template, run.predict_items, run.trainer)
+
+
+def write_outputs(run: Run, metrics: dict[str, Any]) -> None:
+    """After training: the loss plot, the model card and all_results.json (main process)."""
+    cfg, t = run.cfg, run.cfg.training
+    if not (t.do_train and run.trainer.is_world_process_zero()):
+        return
+    if cfg.finetuning.plot_loss:
+        plot_loss(t.output_dir)
+    write_model_card(t.output_dir, cfg, run.base_path, run.template.name, metrics,
+                     [s.line() for s in run.data.summaries])
+    write_json(os.path.join(t.output_dir, "all_results.json"), metrics)
 
 
 def run_predict(cfg: Config, model, tokenizer, template: Template, items, trainer=None, prefix: str = "predict",
@@ -372,11 +400,10 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     gen = cfg.generating
     model = getattr(model, "module", model)
     bs = gen.generation_batch_size or t.per_device_eval_batch_size
-    # No autocast here: it re-casts every weight at every decoding step, which made CPU generation 2-3x slower
-    # than plain fp32 (benchmarks/results/generation_bf16_small.json). A model loaded in bf16 stays bf16.
     result = generate_batched(model, tokenizer, [it.prompt_ids for it in items], gen,
                               stop_token_ids(tokenizer, template), batch_size=bs,
-                              stop_strings=multi_token_stop_strings(tokenizer, template))
+                              stop_strings=multi_token_stop_strings(tokenizer, template),
+                              amp=training_amp(t))
     preds = result.texts
     labels = [it.label for it in items]
     name = "generated_predictions.jsonl" if prefix == "predict" else f"{prefix}_predictions.jsonl"

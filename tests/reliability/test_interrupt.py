@@ -56,7 +56,7 @@ class _Killed(BaseException):
 def test_crash_while_saving_leaves_previous_checkpoint_newest(tmp_path, model_dir, data_file, cache_dir, reference,
                                                               capsys, monkeypatch):
     from sftlab.train.trainer import SFTTrainer
-    from sftlab.workflow import newest_checkpoint
+    from sftlab.train.checkpoint import newest_checkpoint
 
     out = tmp_path / "run"
     argv = train_argv(model_dir, data_file, str(out), cache_dir)

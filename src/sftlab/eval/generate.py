@@ -87,16 +87,25 @@ def cut_at_stop(ids: Sequence[int], stop_token_ids: Sequence[int]) -> tuple[list
     return [int(t) for t in ids], False
 
 
-def _mixed_precision_context(model):
-    """Autocast to bf16 when the model holds both fp32 and bf16 weights (a LoRA model straight from training keeps
-    its frozen weights in bf16 and its adapter in fp32); a single-dtype model runs as it is."""
+def generation_precision(model, amp: str | None = None):
+    """The one decision of the precision generation runs in (sftlab's predict, eval and end-to-end tests):
+
+    * on a GPU, a run trained with ``amp`` = "bf16" / "fp16" autocasts to it, which pays off there;
+    * never otherwise on CPU: autocast re-casts every weight at every decoding step, which measured 2-3x slower than
+      fp32 (benchmarks/results/generation_bf16_small.json); a model loaded in bf16 stays bf16;
+    * except a model that holds both fp32 and bf16 weights (a LoRA model straight from training keeps its frozen
+      weights in bf16 and its adapter in fp32): bf16 autocast, so its matmuls see one dtype.
+    """
     import contextlib
 
     import torch
 
+    device = model_device(model).type
+    if amp in ("bf16", "fp16") and device == "cuda":
+        return torch.autocast(device, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if torch.bfloat16 in dtypes and len(dtypes) > 1:
-        return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
+        return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -130,13 +139,15 @@ def generate_batched(
     stop_token_ids: list[int],
     batch_size: int = 8,
     stop_strings: Sequence[str] = (),
+    amp: str | None = None,
 ) -> GenerationResult:
     """Generate a continuation for every tokenized prompt, ``batch_size`` prompts per generate() call.
 
     Prompts are sorted by length so each batch pads little, and results are put back in input order.
     The model is switched to eval mode for the call (its previous mode is restored afterwards).
     ``stop_strings`` are end-of-turn markers that are not single tokens (e.g. ``</s>`` for a tokenizer that lacks
-    it): generation stops when one appears and the text is cut before it.
+    it): generation stops when one appears and the text is cut before it. ``amp``: the mixed precision the model
+    was trained with ("bf16", "fp16" or None), see `generation_precision`.
     """
     import torch
 
@@ -161,7 +172,7 @@ def generate_batched(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _mixed_precision_context(model):
+        with torch.inference_mode(), generation_precision(model, amp):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad([list(prompts[i]) for i in idx], pad_id)

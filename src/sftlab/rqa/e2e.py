@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
+from sftlab.config import training_amp
 from sftlab.data import formats as F
 from sftlab.data.loader import Row
 from sftlab.errors import ConfigError, DataError
@@ -231,23 +232,6 @@ class E2EEvaluator:
         t = cfg.training
         self.batch_size = cfg.generating.generation_batch_size or t.per_device_eval_batch_size
 
-    def _autocast(self, model):
-        import contextlib
-
-        import torch
-
-        from sftlab.eval.generate import model_device
-
-        t = self.cfg.training
-        device = model_device(model).type
-        # Not on CPU: autocast re-casts every weight at every decoding step, which measured 2-3x slower than fp32
-        # there (benchmarks/results/generation_bf16_small.json); on GPUs it pays off.
-        if t.bf16 and device == "cuda":
-            return torch.autocast(device, dtype=torch.bfloat16)
-        if t.fp16 and device == "cuda":
-            return torch.autocast(device, dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def evaluate(self, model, rows: Sequence[Row]) -> E2EResult:
         from sftlab.eval.generate import generate_batched
         from sftlab.eval.metrics import text_metrics, token_f1
@@ -262,9 +246,8 @@ class E2EEvaluator:
         retrieved = [[_doc_dict(doc) for doc, _ in found] for found in hits]
         prompts = [e2e_prompt_ids(self.tokenizer, self.template, d, docs, self.cfg.data.cutoff_len, self.system)
                    for d, docs in zip(data, retrieved)]
-        with self._autocast(model):
-            gen = generate_batched(model, self.tokenizer, prompts, self.gen_args, self.stop_ids, self.batch_size,
-                                   stop_strings=self.stop_strings)
+        gen = generate_batched(model, self.tokenizer, prompts, self.gen_args, self.stop_ids, self.batch_size,
+                               stop_strings=self.stop_strings, amp=training_amp(self.cfg.training))
         latency = (time.perf_counter() - start) / len(rows)
 
         answers = gen.texts

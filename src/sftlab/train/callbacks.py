@@ -38,8 +38,8 @@ def _drop_records_after(path: str, step: int) -> None:
 class LogCallback(TrainerCallback):
     """Writes `trainer_log.jsonl` (main process only) and prints a progress line with loss, lr, tokens/s and ETA."""
 
-    def __init__(self, trainer_ref, output_dir: str, stream=None):
-        self.trainer_ref = trainer_ref  # a callable returning the SFTTrainer (it is built after its callbacks)
+    def __init__(self, token_counts, output_dir: str, stream=None):
+        self.token_counts = token_counts  # () -> (non-pad, trained) tokens seen so far on this rank
         self.path = os.path.join(output_dir, "trainer_log.jsonl")
         self.stream = stream or sys.stdout
         self.start = None
@@ -51,8 +51,7 @@ class LogCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.start = self.last_time = time.time()
         self.start_step = state.global_step
-        tr = self.trainer_ref()
-        self.last_tokens, self.last_trained = tr.tokens_seen, tr.trained_tokens_seen
+        self.last_tokens, self.last_trained = self.token_counts()
         if state.is_world_process_zero and os.path.exists(self.path):
             if state.global_step == 0:
                 os.remove(self.path)  # a fresh run; a resumed run appends
@@ -63,7 +62,7 @@ class LogCallback(TrainerCallback):
         if not logs or self.start is None:
             return
         now = time.time()
-        tr = self.trainer_ref()
+        tokens, trained = self.token_counts()
         elapsed = now - self.start
         done = max(state.global_step - self.start_step, 1)
         remaining = elapsed / done * max(state.max_steps - state.global_step, 0)
@@ -71,9 +70,9 @@ class LogCallback(TrainerCallback):
         if "loss" in logs:
             dt = max(now - self.last_time, 1e-9)
             # This rank's rate times the number of ranks: ranks see equal-sized shards of the data.
-            tps = (tr.tokens_seen - self.last_tokens) / dt * args.world_size
-            ttps = (tr.trained_tokens_seen - self.last_trained) / dt * args.world_size
-            self.last_time, self.last_tokens, self.last_trained = now, tr.tokens_seen, tr.trained_tokens_seen
+            tps = (tokens - self.last_tokens) / dt * args.world_size
+            ttps = (trained - self.last_trained) / dt * args.world_size
+            self.last_time, self.last_tokens, self.last_trained = now, tokens, trained
             record.update(
                 loss=logs.get("loss"), learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                 tokens_per_second=round(tps, 2), trained_tokens_per_second=round(ttps, 2),

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 
-from sftlab.errors import SftlabError
+from sftlab.errors import ConfigError, SftlabError
 
 STAGING_PREFIX = "tmp-"
 
@@ -63,10 +64,32 @@ def _barrier(trainer) -> None:
         trainer.accelerator.wait_for_everyone()
 
 
-def _previous_checkpoint(run_dir: str) -> str | None:
-    from sftlab.workflow import newest_checkpoint
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N in output_dir that was completely written (has its trainer_state.json)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
 
-    return newest_checkpoint(run_dir)
+
+def find_resume_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None, overwrite: bool) -> str | None:
+    """Where training resumes: the checkpoint asked for (a directory, or true = the newest in output_dir); else,
+    unless ``overwrite``, the newest complete checkpoint in output_dir, so rerunning a stopped command continues."""
+    if resume_from_checkpoint:
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "1", "yes"):
+            ckpt = newest_checkpoint(output_dir)
+            if ckpt is None:
+                raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
+            return ckpt
+        if not os.path.isdir(resume_from_checkpoint):
+            raise ConfigError(f"resume_from_checkpoint: not a directory: {resume_from_checkpoint}")
+        return resume_from_checkpoint
+    return None if overwrite else newest_checkpoint(output_dir)
 
 
 def save_checkpoint_atomically(trainer, model, trial) -> None:
@@ -103,9 +126,8 @@ def save_checkpoint_atomically(trainer, model, trial) -> None:
                 state.best_model_checkpoint = best
 
         if args.should_save:
-            extras = getattr(trainer, "checkpoint_extras", None)
-            if extras is not None:
-                extras(staging)  # template and config travel with every checkpoint
+            if trainer.save_beside_checkpoint is not None:
+                trainer.save_beside_checkpoint(staging)  # e.g. the template and config travel with every checkpoint
             _record_callback_states(trainer)
             # Written last: newest_checkpoint() treats a directory without it as incomplete.
             state.save_to_json(os.path.join(staging, "trainer_state.json"))
@@ -119,7 +141,7 @@ def save_checkpoint_atomically(trainer, model, trial) -> None:
             shutil.rmtree(staging, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
         if not (full or isinstance(e, OSError)):
             raise
-        raise CheckpointSaveError(_save_error_message(e, full, final, _previous_checkpoint(run_dir))) from e
+        raise CheckpointSaveError(_save_error_message(e, full, final, newest_checkpoint(run_dir))) from e
     _barrier(trainer)  # checkpoint-N exists for everyone before anyone moves on (resume, best model, rotation)
 
     if args.push_to_hub:
@@ -176,6 +198,6 @@ def save_final_model(trainer) -> None:
         if not (full or isinstance(e, OSError)):
             raise
         reason = "no space left on the disk" if full else (getattr(e, "strerror", None) or str(e))
-        prev = _previous_checkpoint(out)
+        prev = newest_checkpoint(out)
         kept = f"; the checkpoint {prev} is intact" if prev else ""
         raise CheckpointSaveError(f"saving the final model to {out} failed: {reason}{kept}") from e

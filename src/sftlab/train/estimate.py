@@ -128,7 +128,7 @@ def plan_batches(lengths, trained_lengths, *, batch_size: int, grad_accum: int, 
 class ModelShape:
     params: int
     trainable: int
-    frozen_linear_params: int  # stored in bf16 under LoRA + bf16 on CPU (workflow.cpu_training_speedups)
+    frozen_linear_params: int  # stored in bf16 under LoRA + bf16 on CPU (sftlab.accel.apply)
     layers: int
     hidden: int
     intermediate: int

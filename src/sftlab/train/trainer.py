@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback
 
+from sftlab.train.callbacks import LogCallback
 from sftlab.train.loss import compute_sft_loss
 
 
@@ -50,13 +52,18 @@ class SFTTrainer(Trainer):
 
     def __init__(self, *args, loss_chunk_size: int = 1024, compute_accuracy: bool = True,
                  max_tokens_per_forward: int | None = None, batch_hook: Callable[[dict], dict] | None = None,
-                 **kwargs):
+                 save_beside_checkpoint: Callable[[str], None] | None = None, **kwargs):
         """``batch_hook``: called on the inputs of every forward pass (after a token-budget split), before the
-        loss; it may reshape the batch (e.g. pad it, see ``sftlab.accel``) but must not change the results."""
+        loss; it may reshape the batch (e.g. pad it, see ``sftlab.accel``) but must not change the results.
+        ``save_beside_checkpoint(directory)``: writes what travels with every checkpoint (template, config)."""
         from sftlab.train.distributed import die_with_launcher
 
         die_with_launcher()  # a worker never outlives a killed torchrun / accelerate launch
         super().__init__(*args, **kwargs)
+        self.save_beside_checkpoint = save_beside_checkpoint
+        # sftlab's progress display and trainer_log.jsonl instead of Trainer's raw dicts
+        self.remove_callback(PrinterCallback)
+        self.add_callback(LogCallback(self.token_counts, self.args.output_dir))
         self.loss_chunk_size = loss_chunk_size
         self.max_tokens_per_forward = max_tokens_per_forward
         self.batch_hook = batch_hook
@@ -164,6 +171,10 @@ class SFTTrainer(Trainer):
         return output
 
     # ---- accounting ------------------------------------------------------------------------------------------
+    def token_counts(self) -> tuple[int, int]:
+        """(non-pad, trained) tokens processed in training so far, this rank."""
+        return self.tokens_seen, self.trained_tokens_seen
+
     def global_token_counts(self) -> tuple[int, int]:
         """(non-pad, trained) tokens processed in training, summed over ranks."""
         t = torch.tensor([self.tokens_seen, self.trained_tokens_seen], dtype=torch.float64, device=self.args.device)
