@@ -54,12 +54,35 @@ def find_runs(workspace: Path) -> list[Path]:
     return found
 
 
-def read_config(run: Path) -> dict[str, dict]:
+_CACHE: dict[Path, tuple[tuple[int, int], Any]] = {}
+
+
+def _cached(path: Path, parse, missing):
+    """parse() of the file at `path`, parsed again only when the file changed (the runs list is polled every
+    second, and a config's YAML takes ~0.1 s to parse)."""
     try:
-        data = yaml.safe_load((run / "sftlab_config.yaml").read_text(encoding="utf-8")) or {}
+        st = path.stat()
+    except OSError:
+        return missing
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _CACHE.get(path)
+    if hit is None or hit[0] != key:
+        hit = _CACHE[path] = (key, parse())
+    return hit[1]
+
+
+def _parse_config(path: Path) -> dict[str, dict]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_config(run: Path) -> dict[str, dict]:
+    path = run / "sftlab_config.yaml"
+    return _cached(path, lambda: _parse_config(path), {})
 
 
 def read_lock(run: Path) -> dict:
@@ -136,6 +159,10 @@ def eval_points(log: list[dict]) -> list[dict]:
 
 
 def _safe_log(run: Path) -> list[dict]:
+    return _cached(run / "trainer_log.jsonl", lambda: _parse_log(run), [])
+
+
+def _parse_log(run: Path) -> list[dict]:
     try:
         return read_log(run)
     except ValueError:  # a line being written right now: read the complete ones
