@@ -49,6 +49,14 @@ def test_f32_export_round_trips_exactly_through_the_gguf_loader(tmp_path, tiny_m
     assert saved is not None and saved.name == "chatml" and saved.user_format.startswith("<|im_start|>user")
     assert leftovers(out.parent) == ["tiny.gguf"]
     assert gguf_export.read_sftlab_template(out)["name"] == "chatml"
+    # `sftlab predict FILE.gguf`: one command back, with the template from the file (chatml has no default system
+    # prompt, the tokenizer's own template would add SmolLM's).
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"instruction": "Name a color.", "output": "red"}) + "\n")
+    assert main(["predict", str(out), "--test_file", str(test_file), "--max_new_tokens", "3",
+                 "--output_dir", str(tmp_path / "pred")]) == 0
+    row = json.loads((tmp_path / "pred" / "generated_predictions.jsonl").read_text())
+    assert row["prompt"].startswith("<|im_start|>user\nName a color.<|im_end|>") and "SmolLM" not in row["prompt"]
 
 
 def test_a_gguf_from_elsewhere_has_no_sftlab_template():
