@@ -125,21 +125,14 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_chat(argv: list[str]) -> int:
-    from sftlab.config import parse_config
-    from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
-    from sftlab.workflow import resolve_template
+    from sftlab.chat import chat_loop, load_for_chat
 
     model = _pop_opt(argv, "model")
     tools_file = _pop_opt(argv, "tools")
     if model:
         argv = ["--model_name_or_path", model, *argv]
-    cfg = parse_config(argv)
     tools = read_tools_file(tools_file) if tools_file else None
-    path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
-    tok = load_tokenizer(path)
-    m, _ = load_model(cfg.model, None, for_training=False, bf16=cfg.training.bf16)
-    template = resolve_template(cfg, tok, path)
-    from sftlab.chat import chat_loop
+    m, tok, template, cfg = load_for_chat(argv)
 
     print(f"sftlab chat with {cfg.model.model_name_or_path} (template '{template.name}')")
     if tools:

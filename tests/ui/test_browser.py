@@ -104,6 +104,9 @@ def test_browser_session(ui_workspace):
                     mask[span["start"]:span["end"]] = [span["trained"]] * (span["end"] - span["start"])
                 assert mask == [label != -100 for label in r["labels"]]
                 assert "".join(span["text"] for span in s["spans"]) == r["text"]
+            page.eval_on_selector_all('#form details[data-group="all TrainingArguments"], #form details[data-group="rqa"]',
+                                      "els => els.forEach(d => d.open = false)")
+            page.evaluate("window.scrollTo(0, 0)")
             shot(page, "new-run")
 
             # Launch: the run page's loss curve gains points while it trains.
