@@ -169,20 +169,18 @@ def write_deduplicated(path: str, remove: set[int], out_dir: Path) -> tuple[Path
     """A copy of one JSON/JSONL training file without the rows numbered in `remove` (1-based lines for JSONL,
     rows for a JSON array), as `out_dir/<name>.dedup<suffix>`. Returns (path, rows written)."""
     src = Path(path)
-    target = out_dir / deduplicated_name(path)
-    if target.resolve() == src.resolve():
-        raise ConfigError(f"--dedup: the cleaned copy would overwrite the input {src}")
+    target = out_dir / deduplicated_name(path)  # never the input's name: '.dedup' is added
     suffix = src.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise ConfigError(f"--dedup: writing a cleaned copy of '{suffix}' files is not supported (only .jsonl and "
+                          f".json); cannot clean {src}")
     text = src.read_bytes().decode("utf-8-sig")
     if suffix == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
         kept = [r for i, r in enumerate(rows, start=1) if i not in remove]
         _atomic_write(target, lambda fh: fh.write(json.dumps(kept, ensure_ascii=False, indent=1) + "\n"))
         return target, len(kept)
-    if suffix in (".json", ".jsonl"):
-        lines = text.splitlines(keepends=True)
-        kept_lines = [l for n, l in enumerate(lines, start=1) if n not in remove]
-        _atomic_write(target, lambda fh: fh.writelines(kept_lines))
-        return target, sum(1 for l in kept_lines if l.strip())
-    raise ConfigError(f"--dedup: writing a cleaned copy of '{suffix}' files is not supported (only .jsonl and .json); "
-                      f"cannot clean {src}")
+    lines = text.splitlines(keepends=True)
+    kept_lines = [l for n, l in enumerate(lines, start=1) if n not in remove]
+    _atomic_write(target, lambda fh: fh.writelines(kept_lines))
+    return target, sum(1 for l in kept_lines if l.strip())
