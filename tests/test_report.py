@@ -206,3 +206,32 @@ def test_cli_refuses_dedup_of_an_unsupported_file(tmp_path, tiny_model_dir):
     code = main(["data", "report", "--model_name_or_path", tiny_model_dir, "--train_file", str(f), "--out",
                  str(tmp_path / "o"), "--dedup", "--no_probe", "--output_dir", str(tmp_path / "run")])
     assert code == 2
+
+
+def test_probe_then_the_real_run_it_estimated(tmp_path, tiny_model_dir, data_files):
+    """The probe runs real steps in a child process; the run that follows finds the estimate in its output_dir and its
+    model card compares it with what it measured; the optimizer steps are those the plan said."""
+    from sftlab.cli import main
+
+    _, files = data_files
+    run = tmp_path / "run"
+    flags = ["--model_name_or_path", tiny_model_dir, "--train_file", files["train"], "--template", "chatml",
+             "--cutoff_len", str(CUTOFF), "--output_dir", str(run), "--bf16", "false",
+             "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--save_strategy", "no",
+             "--data_cache_dir", str(tmp_path / "cache")]
+    report = data_report(parse_config(flags), probe=True)
+    probe = report.cost.probe
+    assert probe is not None, report.notes
+    assert [s["tokens"] for s in probe["steps"][:1]] == [CUTOFF * 3 + sorted(
+        report.splits["train"].kept_lengths)[-4]]  # step 1: the four longest rows (three cut to CUTOFF)
+    assert len(probe["steps"]) == 3 and all(s["seconds"] > 0 for s in probe["steps"])
+    assert probe["peak_rss"] > report.cost.memory.process and report.cost.train_seconds > 0
+    assert json.loads((run / "sftlab_estimate.json").read_text())["source"] == "sftlab data report with probe"
+
+    assert main(["train", *flags]) == 0
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == report.cost.plan.optimizer_steps == 9
+    card = (run / "README.md").read_text()
+    assert "## Estimate vs this run" in card and "sftlab data report with probe" in card
+    row = next(l for l in card.splitlines() if l.startswith("| peak memory"))
+    assert row.count("|") == 5 and "| - |" not in row
