@@ -33,6 +33,7 @@ from sftlab.outputs import ESTIMATE_FILE, write_json
 from sftlab.train.estimate import CostEstimate, add_probe, estimate_cost, process_rss
 
 PROBE_STEPS = 3  # the first on the longest examples (peak memory, warm-up), the others on random ones (time)
+PROGRESS_EVERY = 10000
 SPLITS = (("train", "train_file"), ("eval", "eval_file"), ("test", "test_file"))
 
 
@@ -129,14 +130,18 @@ class _ProbeRows:
 
 
 def _scan_split(name: str, files: list[str], cfg: Config, tokenizer, template, settings, index: DuplicateIndex,
-                removal: dict[str, dict[int, str]], probe_rows: _ProbeRows | None) -> tuple[SplitStats, DuplicateCounts]:
+                removal: dict[str, dict[int, str]], probe_rows: _ProbeRows | None,
+                log: Callable[[str], None]) -> tuple[SplitStats, DuplicateCounts]:
     stats = SplitStats(name, cfg.data.cutoff_len)
     dups = DuplicateCounts()
+    started = time.perf_counter()
     for path in files:  # one file at a time: only its rows are in memory
         for fmt, row in load_rows([path], settings.dataset_format, settings.column_mapping, cfg.data.max_samples,
                                   settings.options):
             r = row_tokens(fmt, row, tokenizer, template, settings)
             stats.add(fmt, r)
+            if stats.rows_read % PROGRESS_EVERY == 0:
+                log(f"[{name}] {stats.rows_read} rows ({time.perf_counter() - started:.0f} s)")
             place = Place(name, row.file, row.line)
             if name == "train":
                 match = index.add_train(r.content, place)
@@ -203,7 +208,7 @@ def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, pr
             continue
         t0 = time.perf_counter()
         stats, dups = _scan_split(name, files, cfg, tokenizer, template, settings, index, removal,
-                                  probe_rows if name == "train" else None)
+                                  probe_rows if name == "train" else None, log)
         report.splits[name], report.duplicates[name] = stats, dups
         report.timings[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
         log(f"[{name}] {stats.rows_read} rows read in {report.timings[f'{name}_seconds']} s")

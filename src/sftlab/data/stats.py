@@ -17,6 +17,8 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sftlab.data import formats as F
 from sftlab.data.dataset import EncodeSettings, encode_row
 from sftlab.data.loader import Row
@@ -122,13 +124,13 @@ class SplitStats:
             return
         self.kept += 1
         self.kept_lengths.append(len(enc.input_ids))
-        trained = [l != IGNORE for l in enc.labels]
-        n_trained = sum(trained)
+        trained = np.asarray(enc.labels) != IGNORE
+        n_trained = int(trained.sum())
         self.kept_trained.append(n_trained)
         self.tokens += len(enc.input_ids)
         self.trained_tokens += n_trained
-        mask = enc.answer_mask or [True] * len(trained)
-        self.markup_tokens += sum(t and not a for t, a in zip(trained, mask))
+        if enc.answer_mask is not None:
+            self.markup_tokens += int((trained & ~np.asarray(enc.answer_mask, dtype=bool)).sum())
         if enc.truncated:
             self.truncated += 1
             lost = r.answer_full - n_trained

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from sftlab.data.templates import Message, Rendered, Template, answer_spans
 from sftlab.errors import ConfigError, DataError
 
@@ -54,15 +56,19 @@ def encode_prompt(tokenizer, template: Template, messages: list[Message], tools:
 
 
 def _overlaps(offs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """Per token: its characters overlap one of the (sorted) spans, or it is a zero-width token inside one."""
-    out = [False] * len(offs)
-    j = 0
-    for i, (s, e) in enumerate(offs):
-        while j < len(spans) and spans[j][1] <= s:
-            j += 1
-        if j < len(spans) and ((s < spans[j][1] and e > spans[j][0]) or (s == e and spans[j][0] <= s < spans[j][1])):
-            out[i] = True
-    return out
+    """Per token: its characters overlap one of the (sorted, disjoint) spans, or it is a zero-width token inside
+    one. Vectorised: the span a token can overlap is the first one ending after the token's start."""
+    if not offs or not spans:
+        return [False] * len(offs)
+    o = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    j = np.searchsorted(sp[:, 1], o[:, 0], side="right")
+    inside = j < len(sp)
+    jj = np.minimum(j, len(sp) - 1)
+    lo, hi = sp[jj, 0], sp[jj, 1]
+    s, e = o[:, 0], o[:, 1]
+    hit = inside & (((s < hi) & (e > lo)) | ((s == e) & (lo <= s) & (s < hi)))
+    return hit.tolist()
 
 
 def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
