@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TextIO
 
-from sftlab.config import GeneratingArguments
+from sftlab.config import Config, GeneratingArguments
 from sftlab.data.templates import Message, Template
 from sftlab.data.tokenize import encode_prompt, stop_token_ids
 from sftlab.data.tools import parse_tool_calls
@@ -60,14 +60,12 @@ def _make_streamer(tokenizer, out: TextIO, stop_ids: list[int]):
     return _OutStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def load_for_chat(argv: list[str]):
-    """(model, tokenizer, template, config) for chatting with `--model_name_or_path` (an sftlab output dir uses the
+def load_for_chat(cfg: Config):
+    """(model, tokenizer, template, cfg) for chatting with cfg.model.model_name_or_path (an sftlab output dir uses the
     template it was trained with); the same loading as `sftlab chat`."""
-    from sftlab.config import parse_config
     from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
     from sftlab.workflow import resolve_template
 
-    cfg = parse_config(argv)
     path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
     tok = load_tokenizer(path)
     model, _ = load_model(cfg.model, None, for_training=False, bf16=cfg.training.bf16)

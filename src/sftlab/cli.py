@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import sys
 
+from typing import Literal
+
+from sftlab.config import Option
 from sftlab.errors import ConfigError, SftlabError
 
 USAGE = """usage: sftlab <command> [CONFIG.yaml] [--key value ...]
@@ -45,95 +48,76 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _pop_opt(argv: list[str], name: str, default=None):
-    """Remove --name value (or --name=value) from argv and return the value."""
-    for i, a in enumerate(argv):
-        if a == f"--{name}" and i + 1 < len(argv):
-            v = argv[i + 1]
-            del argv[i:i + 2]
-            return v
-        if a.startswith(f"--{name}="):
-            del argv[i]
-            return a.split("=", 1)[1]
-    return default
-
-
 def cmd_train(argv: list[str]) -> int:
     from sftlab.config import help_text, parse_config
+    from sftlab.workflow import run_sft
 
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    cfg = parse_config(argv)
-    from sftlab.workflow import run_sft
-
-    if "do_train" not in cfg.explicit and cfg.data.train_file:
-        cfg.training.do_train = True  # `sftlab train` trains unless told otherwise
-    if "do_eval" not in cfg.explicit and (cfg.data.eval_file or cfg.data.val_size):
-        cfg.training.do_eval = True
-    run_sft(cfg)
+    run_sft(parse_config(argv))
     return 0
 
 
 def cmd_predict(argv: list[str]) -> int:
     """Predict/evaluate from a config file, or from an output directory using the config saved in it."""
-    import yaml
-
-    from sftlab.config import build_config, help_text, parse_argv
+    from sftlab.config import build_config, help_text, parse_command
     from sftlab.workflow import run_sft
 
     if "-h" in argv or "--help" in argv:
         print("usage: sftlab predict CONFIG.yaml | OUTPUT_DIR | MODEL [--key value ...]\n\n" + help_text())
         return 0
-    if not argv:
+    line = parse_command(argv, command="sftlab predict")
+    if not line.target:
         raise ConfigError("sftlab predict: give a config file or an output directory")
-    target, rest = argv[0], argv[1:]
-    raw: dict = {}
-    if os.path.isdir(target):
-        saved = os.path.join(target, "sftlab_config.yaml")
-        if os.path.isfile(saved):
-            groups = yaml.safe_load(open(saved, encoding="utf-8")) or {}
-            keep_training = ("bf16", "fp16", "per_device_eval_batch_size", "seed", "dataloader_num_workers")
-            for g in ("data", "generating", "rqa"):
-                raw.update({k: v for k, v in (groups.get(g) or {}).items() if v is not None})
-            raw.update({k: v for k, v in (groups.get("training") or {}).items() if k in keep_training})
-            raw.pop("train_file", None)
-        raw["model_name_or_path"] = target
-        raw["output_dir"] = os.path.join(target, "predict")
-    elif target.endswith((".yaml", ".yml")):
-        from sftlab.config import _read_yaml
-
-        raw.update(_read_yaml(target))
-    else:  # a model name: the bundled model, a cached hub id or a .gguf file
-        raw["model_name_or_path"] = target
-        raw["output_dir"] = os.path.join("saves", "predict-" + os.path.basename(target.rstrip("/")).replace(".gguf", ""))
-    _, flags = parse_argv(rest)
-    for k, v in flags.items():
-        try:
-            raw[k] = yaml.safe_load(v)
-        except yaml.YAMLError:
-            raw[k] = v
+    raw = {**_predict_base(line.target), **line.flags}
     raw["do_train"] = False
     raw.setdefault("do_predict", bool(raw.get("test_file")))
     raw.setdefault("do_eval", bool(raw.get("eval_file")))
     if not (raw["do_predict"] or raw["do_eval"]):
         raise ConfigError("sftlab predict: pass --test_file (generation) and/or --eval_file (loss, accuracy)")
     raw.pop("val_size", None)
-    cfg = build_config(raw)
-    run_sft(cfg)
+    run_sft(build_config(raw))
     return 0
+
+
+def _predict_base(target: str) -> dict:
+    """The options `sftlab predict TARGET` starts from: an output directory's saved config (its data, generation
+    and rqa settings, and the precision it trained in), a YAML file, or a model name."""
+    import yaml
+
+    from sftlab.config import _read_yaml
+
+    if target.endswith((".yaml", ".yml")) and not os.path.isdir(target):
+        return _read_yaml(target)
+    raw: dict = {"model_name_or_path": target}
+    if not os.path.isdir(target):  # a model name: the bundled model, a cached hub id or a .gguf file
+        name = os.path.basename(target.rstrip("/")).replace(".gguf", "")
+        raw["output_dir"] = os.path.join("saves", "predict-" + name)
+        return raw
+    saved = os.path.join(target, "sftlab_config.yaml")
+    if os.path.isfile(saved):
+        groups = yaml.safe_load(open(saved, encoding="utf-8")) or {}
+        keep_training = ("bf16", "fp16", "per_device_eval_batch_size", "seed", "dataloader_num_workers")
+        for g in ("data", "generating", "rqa"):
+            raw.update({k: v for k, v in (groups.get(g) or {}).items() if v is not None})
+        raw.update({k: v for k, v in (groups.get("training") or {}).items() if k in keep_training})
+        raw.pop("train_file", None)
+        raw["model_name_or_path"] = target
+    raw["output_dir"] = os.path.join(target, "predict")
+    return raw
+
+
+CHAT_OPTIONS = (Option("tools", None, "a JSON file of tool definitions (OpenAI or bare functions)"),)
 
 
 def cmd_chat(argv: list[str]) -> int:
     from sftlab.chat import chat_loop, load_for_chat
+    from sftlab.config import config_from, parse_command
 
-    model = _pop_opt(argv, "model")
-    tools_file = _pop_opt(argv, "tools")
-    if model:
-        argv = ["--model_name_or_path", model, *argv]
-    tools = read_tools_file(tools_file) if tools_file else None
-    m, tok, template, cfg = load_for_chat(argv)
-
+    line = parse_command(argv, CHAT_OPTIONS, command="sftlab chat")
+    tools = read_tools_file(line.options["tools"]) if line.options["tools"] else None
+    m, tok, template, cfg = load_for_chat(config_from(line.target, line.flags))  # --model: --model_name_or_path
     print(f"sftlab chat with {cfg.model.model_name_or_path} (template '{template.name}')")
     if tools:
         print(f"{len(tools)} tools; {template.describe_tools()}")
@@ -155,25 +139,37 @@ def read_tools_file(path: str) -> list[dict] | None:
     return row_tools(Row({"tools": data}, path, 1))
 
 
+EXPORT_OPTIONS = (
+    Option("model", help="the output directory (LoRA adapter) or model to export", required=True),
+    Option("out", help="merged model directory (hf) or FILE.gguf (gguf)", required=True),
+    Option("format", "hf", "hf: a merged transformers directory; gguf: a GGUF file for llama.cpp / Ollama",
+           type=Literal["hf", "gguf"]),
+    Option("quantization", "f16", "gguf only: f32, f16, bf16, q8_0, q4_k_m, ... (docs/GGUF.md)"),
+)
+
+
 def cmd_export(argv: list[str]) -> int:
-    from sftlab.config import parse_config
+    from sftlab.config import command_help, config_from, parse_command
+
+    if "-h" in argv or "--help" in argv:
+        print(command_help("sftlab export --model OUTPUT_DIR --out DIR|FILE.gguf [--format hf|gguf]", EXPORT_OPTIONS))
+        return 0
+    line = parse_command(argv, EXPORT_OPTIONS, command="sftlab export")
+    opts = line.options
+    cfg = config_from(line.target, {**line.flags, "model_name_or_path": opts["model"]})
+    if opts["format"] == "gguf":
+        return _export_gguf(cfg, opts["model"], opts["out"], opts["quantization"])
+    return _export_merged(cfg, opts["model"], opts["out"])
+
+
+def _export_merged(cfg, model: str, out: str) -> int:
+    from sftlab.data.templates import save_template
     from sftlab.models.load import adapter_base, load_model, load_tokenizer
     from sftlab.workflow import check_writable, resolve_template
-    from sftlab.data.templates import save_template
 
-    fmt = _pop_opt(argv, "format", "hf")
-    if fmt == "gguf":
-        return _export_gguf(argv)
-    if fmt != "hf":
-        raise ConfigError(f"--format: unknown '{fmt}'; choose hf (merged transformers directory) or gguf")
-    model = _pop_opt(argv, "model")
-    out = _pop_opt(argv, "out")
-    if not model or not out:
-        raise ConfigError("usage: sftlab export --model OUTPUT_DIR --out DIR")
     if not os.path.isdir(model) or adapter_base(model) is None:
         raise ConfigError(f"--model: {model} holds no LoRA adapter (adapter_config.json); nothing to merge")
     check_writable(out)
-    cfg = parse_config(["--model_name_or_path", model, *argv])
     m, base = load_model(cfg.model, None, for_training=False, bf16=False)  # merged in fp32: exact
     tok = load_tokenizer(model)
     template = resolve_template(cfg, tok, model)
@@ -184,21 +180,14 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-def _export_gguf(argv: list[str]) -> int:
+def _export_gguf(cfg, model: str, out: str, quantization: str) -> int:
     """Check everything, load (LoRA merged in fp32), write FILE.gguf and FILE.Modelfile beside it."""
-    from sftlab.config import parse_config
+    from sftlab.export.chat_template import generation_prompt_tail
     from sftlab.export.gguf import export_gguf, plan_export
     from sftlab.export.modelfile import write_modelfile
-    from sftlab.export.chat_template import generation_prompt_tail
     from sftlab.models.load import load_model, load_tokenizer
     from sftlab.workflow import resolve_template
 
-    model = _pop_opt(argv, "model")
-    out = _pop_opt(argv, "out")
-    quantization = _pop_opt(argv, "quantization", "f16")
-    if not model or not out:
-        raise ConfigError("usage: sftlab export --model OUTPUT_DIR --format gguf [--quantization f16] --out FILE.gguf")
-    cfg = parse_config(["--model_name_or_path", model, *argv])
     plan = plan_export(model, out, quantization, cfg.model.cache_dir)
     m, _ = load_model(cfg.model, None, for_training=False, bf16=False)
     tok = load_tokenizer(plan.tokenizer_path)
@@ -212,53 +201,50 @@ def _export_gguf(argv: list[str]) -> int:
     return 0
 
 
-REPORT_USAGE = ("usage: sftlab data report [CONFIG.yaml] [--key value ...] [--out DIR] [--dedup] [--no_probe]\n"
-                "  the config and flags of `sftlab train`; writes DIR/data_report.md, data_report.json and figures")
+PREVIEW_OPTIONS = (
+    Option("n", 3, "examples shown", type=int),
+    Option("format", "text", "text (trained tokens marked) or json", type=Literal["text", "json"]),
+)
+REPORT_OPTIONS = (
+    Option("out", "data_report", "where data_report.md, data_report.json and the figures are written"),
+    Option("dedup", False, "also write cleaned copies of the data without the duplicates found", type=bool),
+    Option("no_probe", False, "skip the measured probe (a few real steps) behind the time estimate", type=bool),
+)
+DATA_USAGE = ("usage: sftlab data preview [CONFIG.yaml] [--key value ...] [--n N] [--format text|json]\n"
+              "       sftlab data report [CONFIG.yaml] [--key value ...] [--out DIR] [--dedup] [--no_probe]\n"
+              "  the config and flags of `sftlab train`")
 
 
-def cmd_data_report(argv: list[str]) -> int:
-    from sftlab.config import parse_config
+def cmd_data(argv: list[str]) -> int:
+    from sftlab.config import command_help, config_from, parse_command
+
+    commands = {"preview": (PREVIEW_OPTIONS, _data_preview), "report": (REPORT_OPTIONS, _data_report)}
+    if not argv or argv[0] not in commands:
+        raise ConfigError(DATA_USAGE)
+    options, run = commands[argv[0]]
+    if "-h" in argv or "--help" in argv:
+        print(command_help(f"sftlab data {argv[0]} [CONFIG.yaml] [--key value ...]", options))
+        return 0
+    line = parse_command(argv[1:], options, command=f"sftlab data {argv[0]}")
+    return run(config_from(line.target, line.flags), **line.options)
+
+
+def _data_preview(cfg, n: int, format: str) -> int:
+    from sftlab.preview import preview
+
+    preview(cfg, n=n, fmt=format, out=sys.stdout)
+    return 0
+
+
+def _data_report(cfg, out: str, dedup: bool, no_probe: bool) -> int:
     from sftlab.report import data_report, write_report
 
-    if "-h" in argv or "--help" in argv:
-        print(REPORT_USAGE)
-        return 0
-    out = _pop_opt(argv, "out", "data_report")
-    flags = {name: _pop_flag(argv, name) for name in ("dedup", "no_probe")}
-    cfg = parse_config(argv)
-    report = data_report(cfg, out_dir=out, dedup=flags["dedup"], probe=not flags["no_probe"],
+    report = data_report(cfg, out_dir=out, dedup=dedup, probe=not no_probe,
                          log=lambda s: print(f"[sftlab] {s}", flush=True))
     paths = write_report(report, out)
     for line in report.summary_lines():
         print(line)
     print(f"report: {paths['markdown']} (every number in {paths['json']})")
-    return 0
-
-
-def _pop_flag(argv: list[str], name: str) -> bool:
-    """Remove a bare --name (or --name true/false) from argv and return its value."""
-    for i, a in enumerate(argv):
-        if a == f"--{name}":
-            value = argv[i + 1].lower() if i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false") else None
-            del argv[i:i + (2 if value else 1)]
-            return value != "false"
-    return False
-
-
-def cmd_data(argv: list[str]) -> int:
-    if argv and argv[0] == "report":
-        return cmd_data_report(argv[1:])
-    if not argv or argv[0] != "preview":
-        raise ConfigError("usage: sftlab data preview [CONFIG.yaml] [--key value ...] [--n N] [--format text|json]\n"
-                          "       " + REPORT_USAGE.split("\n")[0].removeprefix("usage: "))
-    from sftlab.preview import preview
-
-    argv = argv[1:]
-    n = int(_pop_opt(argv, "n", "3"))
-    fmt = _pop_opt(argv, "format", "text")
-    if fmt not in ("text", "json"):
-        raise ConfigError("--format: choose text or json")
-    preview(argv, n=n, fmt=fmt, out=sys.stdout)
     return 0
 
 
@@ -268,25 +254,28 @@ def cmd_index(argv: list[str]) -> int:
     return index_main(argv)
 
 
+UI_OPTIONS = (
+    Option("workspace", ".", "the folder whose runs are shown and where new runs are written"),
+    Option("host", "127.0.0.1", "address to serve on; other than 127.0.0.1/localhost requires the access token"),
+    Option("port", 7860, "port to serve on", type=int),
+    Option("token", None, "access token (generated and printed unless given)"),
+    Option("max_parallel_runs", 1, "training runs at the same time", type=int),
+)
+
+
 def cmd_ui(argv: list[str]) -> int:
     """The local web app (sftlab.ui): runs, curves, new runs, compare, chat."""
+    from sftlab.config import command_help, parse_command
     from sftlab.ui.app import serve
 
     if "-h" in argv or "--help" in argv:
-        print("usage: sftlab ui [--workspace DIR] [--host 127.0.0.1] [--port 7860] [--token TOKEN] "
-              "[--max_parallel_runs 1]\n  a host other than 127.0.0.1/localhost requires the access token "
-              "(generated and printed unless given)")
+        print(command_help("sftlab ui [--key value ...]", UI_OPTIONS))
         return 0
-    workspace = _pop_opt(argv, "workspace", ".")
-    host = _pop_opt(argv, "host", "127.0.0.1")
-    port = _pop_opt(argv, "port", "7860")
-    token = _pop_opt(argv, "token")
-    parallel = _pop_opt(argv, "max_parallel_runs", "1")
-    if argv:
-        raise ConfigError(f"sftlab ui: unexpected argument(s) {' '.join(argv)}")
-    if not port.isdigit() or not parallel.isdigit():
-        raise ConfigError("sftlab ui: --port and --max_parallel_runs take whole numbers")
-    serve(workspace, host=host, port=int(port), token=token, max_parallel=int(parallel))
+    line = parse_command(argv, UI_OPTIONS, command="sftlab ui", takes_config=False)
+    if line.target:
+        raise ConfigError(f"sftlab ui: unexpected argument {line.target}")
+    o = line.options
+    serve(o["workspace"], host=o["host"], port=o["port"], token=o["token"], max_parallel=o["max_parallel_runs"])
     return 0
 
 

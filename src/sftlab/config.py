@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -29,8 +30,43 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+class _Checked:
+    """Choice fields (typed ``Literal``) and lower bounds (``_f(..., min=N)``) are checked when a group is made,
+    from flags, YAML or code alike: the one place options are validated one by one."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            choices = literal_choices(hints.get(f.name))
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and _allows_none(hints[f.name])):
+                raise ConfigError(choice_error(f.name, value, choices))
+            lowest = f.metadata.get("min")
+            if lowest is not None and value is not None and value < lowest:
+                raise ConfigError(f"{f.name}: {value} must be >= {lowest}")
+
+
+def literal_choices(tp: Any) -> tuple:
+    """The choices of a ``Literal[...]`` (or ``Literal[...] | None``) type, else ()."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    for a in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ():
+        if typing.get_origin(a) is Literal:
+            return typing.get_args(a)
+    return ()
+
+
+def _allows_none(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def choice_error(name: str, value: Any, choices: tuple) -> str:
+    listed = ", ".join(str(c) for c in choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else str(choices[0])
+    return f"{name}: unknown value '{value}'; choose {listed}"
+
+
 @dataclass
-class ModelArguments:
+class ModelArguments(_Checked):
     model_name_or_path: str = _f(
         BUNDLED_MODEL,
         "A local Hugging Face model directory, a .gguf file, a hub id already in the local cache, or "
@@ -50,7 +86,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(_Checked):
     train_file: list[str] | None = _f(
         None, "Training data: one path or a list of paths (.json, .jsonl, .csv, .parquet). 'dataset' is an alias."
     )
@@ -80,7 +116,7 @@ class DataArguments:
     assistant_prefix: str | None = _f(None, "Prefix template: text before each assistant turn, e.g. '[/INST]'.")
     sep_user: str = _f(" ", "Prefix template: separator around the user text and after the assistant prefix.")
     sep_sys: str = _f("</s>", "Prefix template: text that ends each assistant turn (trained).")
-    train_on: str = _f(
+    train_on: Literal["completion", "last_turn", "all"] = _f(
         "completion",
         "Which tokens are trained: 'completion' (every assistant turn with its end-of-turn token), "
         "'last_turn' (the final assistant turn only) or 'all' (every token, TRL's default).",
@@ -89,7 +125,7 @@ class DataArguments:
         True, "Train the reasoning (think block) of trained assistant turns; false: it is context, only the answer "
         "after it is trained. An empty think block a template inserts by itself is never trained."
     )
-    tool_format: str = _f(
+    tool_format: Literal["auto", "template", "builtin"] = _f(
         "auto",
         "How tools, tool calls and tool results are written: 'template' (the chat template's own tool support), "
         "'builtin' (sftlab's Hermes/Qwen-style <tool_call> JSON format, docs/DATA_FORMATS.md) or 'auto' (the "
@@ -103,8 +139,8 @@ class DataArguments:
         {}, "Per-file format settings {path: {dataset_format, column_mapping, role_map, sharegpt_keys}}; filled from "
         "dataset_info.json for dataset names."
     )
-    cutoff_len: int = _f(1024, "Maximum tokens per example; longer ones follow 'truncation'.")
-    truncation: str = _f(
+    cutoff_len: int = _f(1024, "Maximum tokens per example; longer ones follow 'truncation'.", min=8)
+    truncation: Literal["keep_answer", "drop", "error"] = _f(
         "keep_answer",
         "'keep_answer' (cut the oldest context, then the prompt from the left, never the trained answer's start), "
         "'drop' (drop the example) or 'error'.",
@@ -118,7 +154,7 @@ class DataArguments:
     preprocessing_num_workers: int | None = _f(None, "Processes for tokenization (datasets.map num_proc).")
     data_cache_dir: str | None = _f(None, "Where tokenized data is cached (default ~/.cache/sftlab/data).")
     overwrite_cache: bool = _f(False, "Re-tokenize even if a cached copy exists.")
-    rqa_context: str = _f(
+    rqa_context: Literal["gold", "retrieved"] = _f(
         "gold",
         "rqa rows: 'gold' puts the gold passages in the prompt; 'retrieved' the top-k retrieved passages with the "
         "gold ones guaranteed, shuffled with the seed.",
@@ -126,8 +162,8 @@ class DataArguments:
 
 
 @dataclass
-class FinetuningArguments:
-    finetuning_type: str = _f("lora", "'lora' (peft adapter), 'full' or 'freeze' (last N layers).")
+class FinetuningArguments(_Checked):
+    finetuning_type: Literal["lora", "full", "freeze"] = _f("lora", "'lora' (peft adapter), 'full' or 'freeze' (last N layers).")
     lora_rank: int = _f(16, "LoRA rank r.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default 2 x lora_rank).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
@@ -137,17 +173,17 @@ class FinetuningArguments:
     freeze_trainable_layers: int = _f(2, "freeze: train only the last N decoder layers.")
     compute_accuracy: bool = _f(True, "Report next-token accuracy over trained tokens at evaluation.")
     loss_chunk_size: int = _f(
-        1024, "Trained positions per chunk of the LM-head + cross-entropy computation (bounds peak memory)."
+        1024, "Trained positions per chunk of the LM-head + cross-entropy computation (bounds peak memory).", min=1
     )
     max_tokens_per_forward: int | None = _f(
         1536, "Padding-free batches (CPU, flash attention) with more tokens run as several forward/backward passes "
-        "of whole examples in one optimizer step: same result, bounded activation memory. 0/None: never split."
+        "of whole examples in one optimizer step: same result, bounded activation memory. 0/None: never split.", min=0
     )
     pad_tokens_to_multiple_of: int = _f(
         64, "CPU, padding-free batches under sftlab's per-example attention: each forward pass gets one padding "
         "segment (no labels, attended by nothing else) up to a multiple of this many tokens, so matmul shapes "
-        "repeat from step to step (oneDNN builds a kernel per shape: ~5 ms and ~1.7 MB each, measured here). "
-        "0/1: no padding."
+        "repeat from step to step (oneDNN builds a kernel per shape: ~5 ms and ~1.7 MB each, measured on an AMD EPYC Zen 4 VM). "
+        "0/1: no padding.", min=0
     )
     plot_loss: bool = _f(True, "Write training_loss.png.")
     overwrite_output_dir: bool = _f(
@@ -156,7 +192,7 @@ class FinetuningArguments:
 
 
 @dataclass
-class GeneratingArguments:
+class GeneratingArguments(_Checked):
     max_new_tokens: int = _f(256, "Most tokens generated per answer.")
     do_sample: bool = _f(False, "Sample instead of greedy decoding (greedy is reproducible).")
     temperature: float = _f(1.0, "Sampling temperature (with do_sample).")
@@ -169,7 +205,7 @@ class GeneratingArguments:
 
 
 @dataclass
-class RQAArguments:
+class RQAArguments(_Checked):
     full_dataset_file_path: str | None = _f(
         None,
         "Document collection for retrieval: JSONL of page_content/fmt_content/metadata, raw JSONL of "
@@ -264,7 +300,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Turn a YAML/flag value into the declared type, with an error naming the option."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if key in NONE_IS_A_VALUE and isinstance(value, str):
             return value
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
@@ -279,6 +315,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"--{key}: bad value {value!r}")
     if tp is Any or tp is None:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(choice_error(key, value, args))
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -401,25 +441,81 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return flat
 
 
-def parse_config(argv: list[str], overrides: dict[str, Any] | None = None) -> Config:
-    """YAML values, then flags, then `overrides`; unknown keys are errors with the closest known key."""
-    yaml_path, flag_values = parse_argv(argv)
-    raw: dict[str, Any] = _read_yaml(yaml_path) if yaml_path else {}
-    raw_from_flags: dict[str, Any] = {}
+@dataclass(frozen=True)
+class Option:
+    """A command's own option (one that is not a configuration field), e.g. `sftlab export --out FILE`."""
+
+    name: str
+    default: Any = None
+    help: str = ""
+    type: Any = str
+    required: bool = False
+
+
+@dataclass
+class CommandLine:
+    """One command line, read once: the leading positional (a YAML file, an output directory or a model), the
+    command's own options (typed), and the configuration flags exactly as `sftlab train` reads them."""
+
+    target: str | None
+    options: dict[str, Any]
+    flags: dict[str, Any]
+
+
+def parse_command(argv: list[str], options: tuple[Option, ...] = (), command: str = "sftlab",
+                  takes_config: bool = True) -> CommandLine:
+    """The one argv parser of every command: `[TARGET] [--key value ...]`; ``options`` are the command's own."""
+    target, values = parse_argv(argv)
+    own: dict[str, Any] = {}
+    for opt in options:
+        raw = values.pop(opt.name, None)
+        if raw is None and opt.required:
+            raise ConfigError(f"{command}: --{opt.name} is required ({opt.help})")
+        own[opt.name] = opt.default if raw is None else _coerce(raw, opt.type, opt.name)
+    if values and not takes_config:
+        known = [o.name for o in options]
+        key = next(iter(values))
+        raise ConfigError(f"{command}: unknown option '--{key}'{_suggest(key, known)}")
+    return CommandLine(target=target, options=own, flags=config_flags(values))
+
+
+def command_help(usage: str, options: tuple[Option, ...]) -> str:
+    lines = [f"usage: {usage}", ""]
+    for opt in options:
+        default = "required" if opt.required else f"default: {opt.default!r}"
+        lines.append(f"  --{opt.name} ({default})\n      {opt.help}")
+    return "\n".join(lines)
+
+
+def config_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """Configuration flag strings -> values, the same for every command: text fields stay as typed ('[/INST]' is a
+    prefix, not a YAML list; 'none' still becomes None); other flags are YAML so that [a, b] and {a: b} mean what
+    they look like, while scalars stay strings converted later by declared type ('1e-4' -> float, '01' stays a
+    string for str fields)."""
     fields_by_name = all_fields()
-    for k, v in flag_values.items():
+    out: dict[str, Any] = {}
+    for k, v in values.items():
         known = fields_by_name.get(ALIASES.get(k, k))
         if known is not None and _is_text_field(*known):
-            raw_from_flags[k] = v  # '[/INST]' is a prefix, not a YAML list; 'none' still becomes None
+            out[k] = v
             continue
-        # Other flag strings are YAML so that [a, b] and {a: b} mean what they look like; scalars stay strings
-        # and are converted by declared type (exact: '1e-4' -> float, '01' stays a string for str fields).
         try:
             parsed = yaml.safe_load(v) if isinstance(v, str) else v
         except yaml.YAMLError:
             parsed = v
-        raw_from_flags[k] = parsed if isinstance(parsed, (dict, list)) else v
-    raw.update(raw_from_flags)
+        out[k] = parsed if isinstance(parsed, (dict, list)) else v
+    return out
+
+
+def parse_config(argv: list[str], overrides: dict[str, Any] | None = None) -> Config:
+    """YAML values, then flags, then `overrides`; unknown keys are errors with the closest known key."""
+    line = parse_command(argv)
+    return config_from(line.target, line.flags, overrides)
+
+
+def config_from(yaml_path: str | None, flags: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    raw: dict[str, Any] = _read_yaml(yaml_path) if yaml_path else {}
+    raw.update(flags)
     raw.update(overrides or {})
     return build_config(raw)
 
@@ -453,7 +549,18 @@ def build_config(raw: dict[str, Any]) -> Config:
     from sftlab.data.dataset_info import resolve_dataset_names
 
     resolve_dataset_names(cfg.data)  # LLaMA-Factory dataset names -> files, via dataset_dir/dataset_info.json
+    _default_phases(cfg)
     return cfg
+
+
+def _default_phases(cfg: Config) -> None:
+    """do_train / do_eval where not given: train when there is training data, evaluate when there is evaluation
+    data (an eval file or val_size). (do_predict stays off unless asked for; `sftlab predict` asks.)"""
+    t, d = cfg.training, cfg.data
+    if "do_train" not in cfg.explicit:
+        t.do_train = bool(d.train_file)
+    if "do_eval" not in cfg.explicit:
+        t.do_eval = bool(d.eval_file or d.val_size)
 
 
 def bf16_is_fast() -> bool:

@@ -10,6 +10,7 @@ import json
 import sys
 from typing import TextIO
 
+from sftlab.config import Config
 from sftlab.data.dataset import encode_row, load_rows
 from sftlab.data.tokenize import IGNORE
 
@@ -50,13 +51,11 @@ def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> 
     return "".join(out)
 
 
-def preview(argv: list[str], n: int = 3, fmt: str = "text", out: TextIO = sys.stdout) -> None:
-    from sftlab.config import parse_config
+def preview(cfg: Config, n: int = 3, fmt: str = "text", out: TextIO = sys.stdout) -> None:
     from sftlab.models.load import load_tokenizer, resolve_model_path
     from sftlab.workflow import encode_settings, resolve_template
     from sftlab.errors import ConfigError
 
-    cfg = parse_config(argv)
     if not cfg.data.train_file:
         raise ConfigError("data preview: pass --train_file (or a config with train_file)")
     path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)

@@ -62,7 +62,7 @@ CASES = {
                                                    "--save_strategy", "steps"],
                                      "load_best_model_at_end needs evaluation data"),
     "unknown option": (lambda d, t: ["--learning_rat", "1e-4"], "unknown option '--learning_rat'"),
-    "bad finetuning type": (lambda d, t: ["--finetuning_type", "qlora"], "finetuning_type: unknown 'qlora'"),
+    "bad finetuning type": (lambda d, t: ["--finetuning_type", "qlora"], "finetuning_type: unknown value 'qlora'"),
     "negative padding multiple": (lambda d, t: ["--pad_tokens_to_multiple_of", "-8"],
                                   "pad_tokens_to_multiple_of: -8 must be >= 0"),
     "zero loss chunk": (lambda d, t: ["--loss_chunk_size", "0"], "loss_chunk_size: 0 must be >= 1"),

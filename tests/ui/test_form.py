@@ -55,7 +55,7 @@ def test_preflight_and_workspace_checks(tmp_path, monkeypatch):
                                            "model_name_or_path": "../models/m"}})
     assert "model_name_or_path" in res["errors"]
     res = form.check(tmp_path, {"values": {"train_file": "d.jsonl", "output_dir": "saves/x", "cutoff_len": "4"}})
-    assert res["errors"] == {"cutoff_len": "cutoff_len: 4 is too small"}
+    assert res["errors"] == {"cutoff_len": "cutoff_len: 4 must be >= 8"}
     res = form.check(tmp_path, {"values": {"train_file": "d.jsonl", "output_dir": "saves/x"}, "preview": False})
     assert res["ok"] and res["argv"] == ["--train_file", "d.jsonl", "--output_dir", "saves/x"]
 

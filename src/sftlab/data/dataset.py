@@ -112,8 +112,6 @@ def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
                             file=row.file, line=row.line)
         if s.truncation == "drop":
             return None, "too long"
-        if s.truncation != "keep_answer":
-            raise DataError(f"truncation: unknown policy '{s.truncation}'; choose keep_answer, drop or error")
         # Oldest context first: whole earlier exchanges / history entries, while any remain.
         for drop in range(1, F.context_units(fmt, row, s.options) + 1):
             shorter = F.to_messages(fmt, row, s.options, drop=drop)

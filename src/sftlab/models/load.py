@@ -121,23 +121,22 @@ def prepare_for_finetuning(model, ft: FinetuningArguments):
             for p in layer.parameters():
                 p.requires_grad_(True)
         return model
-    if ft.finetuning_type == "lora":
-        from peft import LoraConfig, get_peft_model
+    # "lora" (the config accepts nothing else)
+    from peft import LoraConfig, get_peft_model
 
-        targets = ft.lora_target
-        target_modules = "all-linear" if (not targets or targets == ["all"]) else list(targets)
-        cfg = LoraConfig(
-            r=ft.lora_rank,
-            lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
-            lora_dropout=ft.lora_dropout,
-            target_modules=target_modules,
-            task_type="CAUSAL_LM",
-        )
-        try:
-            return get_peft_model(model, cfg)
-        except ValueError as e:
-            raise ConfigError(f"lora_target: {e}") from None
-    raise ConfigError(f"finetuning_type: unknown '{ft.finetuning_type}'; choose lora, full or freeze")
+    targets = ft.lora_target
+    target_modules = "all-linear" if (not targets or targets == ["all"]) else list(targets)
+    cfg = LoraConfig(
+        r=ft.lora_rank,
+        lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
+        lora_dropout=ft.lora_dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise ConfigError(f"lora_target: {e}") from None
 
 
 def _decoder_layers(model):

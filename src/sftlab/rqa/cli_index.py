@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from types import SimpleNamespace
 
+from sftlab.config import Option, command_help, parse_command
 from sftlab.errors import SftlabError
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sftlab index", description="Embed a document collection and write a FAISS index directory."
-    )
-    p.add_argument("--documents", required=True, help="Document collection: records JSONL, raw JSONL or LocalRQA .pkl")
-    p.add_argument(
-        "--embedding_model",
-        default=None,
-        help="sentence-transformers directory or cached hub id (default: bundled all-MiniLM-L6-v2)",
-    )
-    p.add_argument("--out", required=True, help="Index directory (created; an outdated sftlab index is replaced)")
-    p.add_argument("--chunk_size", type=int, default=256, help="Raw documents: tokens per chunk")
-    p.add_argument("--chunk_overlap", type=int, default=32, help="Raw documents: tokens shared by consecutive chunks")
-    p.add_argument("--tokenizer", default=None, help="Tokenizer directory for chunking raw documents (default: words)")
-    p.add_argument("--refuse_stale", action="store_true", help="Fail instead of replacing an index built for other data")
-    return p
+INDEX_OPTIONS = (
+    Option("documents", help="Document collection: records JSONL, raw JSONL or LocalRQA .pkl", required=True),
+    Option("embedding_model", None, "sentence-transformers directory or cached hub id (default: bundled "
+           "all-MiniLM-L6-v2)"),
+    Option("out", help="Index directory (created; an outdated sftlab index is replaced)", required=True),
+    Option("chunk_size", 256, "Raw documents: tokens per chunk", type=int),
+    Option("chunk_overlap", 32, "Raw documents: tokens shared by consecutive chunks", type=int),
+    Option("tokenizer", None, "Tokenizer directory for chunking raw documents (default: words)"),
+    Option("refuse_stale", False, "Fail instead of replacing an index built for other data", type=bool),
+)
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    if "-h" in argv or "--help" in argv:
+        print(command_help("sftlab index --documents FILE --out DIR [--key value ...]", INDEX_OPTIONS))
+        return 0
     try:
+        args = SimpleNamespace(**parse_command(argv, INDEX_OPTIONS, "sftlab index", takes_config=False).options)
         from sftlab.rqa.documents import load_documents
         from sftlab.rqa.embed import Embedder
         from sftlab.rqa.index import load_or_build_index

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sftlab.chat import generate_reply, load_for_chat
+from sftlab.config import parse_config
 from sftlab.data.templates import Message, load_saved_template
 from sftlab.data.tokenize import encode_prompt, stop_token_ids
 
@@ -52,7 +53,7 @@ class ChatService:
         key = (model, str(template_dir))
         if self._loaded is None or self._loaded.key != key:
             self._loaded = None  # free the previous model before loading the next
-            m, tok, template, cfg = load_for_chat(["--model_name_or_path", model])
+            m, tok, template, cfg = load_for_chat(parse_config(["--model_name_or_path", model]))
             if template_dir is not None:  # the base model, prompted with the run's template
                 template = load_saved_template(str(template_dir), tok) or template
             self._loaded = Loaded(key, m, tok, template, cfg.generating, cfg.data.system)

@@ -186,10 +186,11 @@ def validate(workspace: Path, argv: list[str]):
 
 def preview_rows(argv: list[str], n: int = 3) -> list[dict[str, Any]]:
     """`sftlab data preview --format json --n n` for the same arguments, as records."""
+    from sftlab.config import parse_config
     from sftlab.preview import preview
 
     buf = io.StringIO()
-    preview(list(argv), n=n, fmt="json", out=buf)
+    preview(parse_config(list(argv)), n=n, fmt="json", out=buf)
     return [json.loads(l) for l in buf.getvalue().splitlines() if l.strip()]
 
 
