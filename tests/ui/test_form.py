@@ -20,6 +20,7 @@ def test_every_option_is_in_the_form_once_with_its_help_and_default():
     assert by["lr_scheduler_type"]["kind"] == "choice" and "cosine" in by["lr_scheduler_type"]["choices"]
     assert by["train_file"]["kind"] == "list" and "jsonl" in by["train_file"]["help"]
     assert by["max_steps"]["kind"] == "int" and by["finetuning_type"]["help"].startswith("'lora'")
+    assert by["finetuning_type"]["kind"] == "choice" and by["finetuning_type"]["choices"] == ["lora", "full", "freeze"]
 
 
 def test_values_become_train_flags():

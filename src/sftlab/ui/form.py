@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from sftlab.config import BUNDLED_MODEL, GROUPS, TRAINING_DEFAULTS, _type_of, all_fields, parse_config, training_fields
+from sftlab.config import (BUNDLED_MODEL, GROUPS, TRAINING_DEFAULTS, _type_of, all_fields, literal_choices,
+                           parse_config, training_fields)
 from sftlab.errors import ConfigError, SftlabError
 from sftlab.ui.workspace import OutsideWorkspace, resolve_inside
 
@@ -31,7 +32,10 @@ YAML_DIR = ".sftlab-ui/configs"  # YAML-editor configs, kept so a run's argv sta
 
 
 def _kind(tp: Any) -> tuple[str, list[str] | None]:
-    """How a field is edited: bool, int, float, text, list, mapping; enum types give their choices."""
+    """How a field is edited: bool, int, float, text, list, mapping; Literal and enum types give their choices."""
+    literal = literal_choices(tp)
+    if literal:
+        return "choice", [str(c) for c in literal]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
