@@ -72,3 +72,20 @@ def test_pattern_template_reasoning(smol_tokenizer):
     assert smol_tokenizer.decode(enc.input_ids) == (
         "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n<think>\nAdd them.\n</think>\n\n5<|im_end|>\n")
     assert trained_runs(smol_tokenizer, enc) == ["5<|im_end|>"]
+
+
+def test_template_that_drops_reasoning_is_an_error_naming_the_row(tmp_path, smol_tokenizer):
+    """A template that takes `reasoning_content` but does not write it for this turn: the row is named."""
+    import json
+
+    from sftlab.data.dataset import EncodeSettings, tokenize_files
+    from sftlab.errors import DataError
+
+    drops = QWEN3_THINKING.replace("message.reasoning_content.strip('\\n')", "''")
+    t = load_template({"name": "drops", "kind": "jinja", "jinja": drops}, smol_tokenizer)
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(ROW) + "\n")
+    s = EncodeSettings("completion", 1024, "keep_answer", None, {}, F.FormatOptions())
+    with pytest.raises(DataError, match=r"r.jsonl, line 1: message 1: the chat template does not render this turn's "
+                                        r"reasoning"):
+        tokenize_files([str(f)], "train", smol_tokenizer, t, s, cache_dir=str(tmp_path / "c"))

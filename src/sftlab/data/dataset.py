@@ -93,6 +93,17 @@ def load_rows(files: list[str], dataset_format: str | None, column_mapping: dict
 def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSettings,
                with_answer_mask: bool = False) -> tuple[Encoded | None, str | None]:
     """One row -> (example, None) or (None, reason it was dropped). `with_answer_mask`: see `Encoded`."""
+    try:
+        return _encode_row(fmt, row, tokenizer, template, s, with_answer_mask)
+    except DataError as e:
+        if e.file is not None:
+            raise
+        # A template's complaint about the conversation (it refused it, or dropped a turn's reasoning): name the row.
+        raise DataError(str(e), file=row.file, line=row.line) from None
+
+
+def _encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSettings,
+                with_answer_mask: bool) -> tuple[Encoded | None, str | None]:
     if fmt == "text":
         enc = encode_text(tokenizer, F.row_text(row))
         if len(enc.input_ids) > s.cutoff_len:

@@ -504,14 +504,6 @@ def load_template(spec: str | dict | None, tokenizer, *, system: str | None = No
     return _finalize(t, tokenizer)
 
 
-def with_default_system(t: Template, messages: list[Message]) -> list[Message]:
-    """Prepend the template's default system prompt for Jinja templates (pattern templates do it when rendering);
-    the Jinja template then renders it as it renders any system turn."""
-    if t.kind == "jinja" and t.default_system and (not messages or messages[0].role != "system"):
-        return [Message("system", t.default_system), *messages]
-    return messages
-
-
 def save_template(t: Template, out_dir: str | Path) -> Path:
     path = Path(out_dir) / TEMPLATE_FILE
     path.write_text(json.dumps(t.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
