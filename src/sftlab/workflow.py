@@ -117,8 +117,10 @@ def build_datasets(cfg: Config, tokenizer, template: Template, retriever=None) -
         log(summ.line())
         return ex
 
-    # The main process tokenizes and fills the cache; the other ranks then read the cache.
-    with t.main_process_first(local=False, desc="tokenize"):
+    # Rank 0 tokenizes and fills the cache; the other ranks then read it (each machine tokenizes once at most).
+    from sftlab.train.distributed import once_per_machine
+
+    with once_per_machine(t, desc="tokenize"):
         if t.do_train and d.train_file:
             out.train = tok(d.train_file, "train")
             if d.val_size:
