@@ -62,8 +62,9 @@ class Report:
         out = []
         for name, s in self.splits.items():
             d = s.to_dict()
+            why = f" ({', '.join(f'{k}: {v}' for k, v in d['dropped'].items())})" if d["dropped"] else ""
             out.append(f"[{name}] {d['rows_read']} rows: kept {d['kept']}, truncated {d['truncated']}, dropped "
-                       f"{d['dropped_total']} {d['dropped'] or ''}; tokens p95 {d['total_tokens']['p95']} / "
+                       f"{d['dropped_total']}{why}; tokens p95 {d['total_tokens']['p95']} / "
                        f"cutoff {d['cutoff_len']}; answers cut {d['answers_cut']} ({d['answer_tokens_lost']} "
                        f"tokens); trained {d['trained_tokens']} ({d['trained_share']:.1%}), of which markup "
                        f"{d['markup_share_of_trained']:.1%}")
