@@ -12,7 +12,7 @@ memory within 25% and time within 30%; the table is written whatever it shows. T
 recorded: timings on a shared machine move with it.
 
     python benchmarks/report_estimates.py                 # 3 configurations, 8 optimizer steps each (~15 min)
-    python benchmarks/report_estimates.py --steps 4 --configs lora-256
+    python benchmarks/report_estimates.py --model small --steps 6 --batch 2   # a busy machine
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ def write_data(path: Path, rows: int, seed: int = 0) -> None:
             fh.write(json.dumps({"instruction": q, "output": a}) + "\n")
 
 
+def small_model(out: Path) -> str:
+    """A randomly initialised 4-layer, 256-wide Llama with the bundled tokenizer (for a busy machine)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sftlab.models.bundled import bundled_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 def run(cmd: list[str], log: Path) -> float:
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
@@ -58,10 +75,10 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def measure(name: str, work: Path, data: Path, steps: int, batch: int) -> dict:
+def measure(name: str, work: Path, data: Path, steps: int, batch: int, model: str) -> dict:
     ft, cutoff = CONFIGS[name]
     out = work / name
-    flags = ["--train_file", str(data), "--finetuning_type", ft, "--cutoff_len", str(cutoff),
+    flags = ["--model_name_or_path", model, "--train_file", str(data), "--finetuning_type", ft, "--cutoff_len", str(cutoff),
              "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--save_strategy", "no",
              "--logging_steps", "1", "--output_dir", str(out / "run"), "--overwrite_output_dir", "true",
              "--data_cache_dir", str(work / "cache"), "--plot_loss", "false"]
@@ -72,7 +89,7 @@ def measure(name: str, work: Path, data: Path, steps: int, batch: int) -> dict:
     res = json.loads((out / "run" / "train_results.json").read_text())
     cost = rep["cost"]
     return {
-        "config": name, "finetuning_type": ft, "cutoff_len": cutoff, "steps": steps, "batch": batch,
+        "config": name, "model": Path(model).name, "finetuning_type": ft, "cutoff_len": cutoff, "steps": steps, "batch": batch,
         "largest_forward_tokens": cost["plan"]["largest_forward_tokens"],
         "memory_analytic_mb": round(cost["memory"]["total"] / 2**20, 1),
         "memory_probe_mb": round(cost["peak_memory_bytes"] / 2**20, 1),
@@ -89,7 +106,7 @@ def off(est, measured) -> str:
 
 def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
     lines = ["# `sftlab data report` estimates against real runs", "",
-             f"SmolLM2-135M-Instruct (bundled), {meta['rows']} generated rows, batch {meta['batch']}, "
+             f"Model: {meta['model']}; {meta['rows']} generated rows, batch {meta['batch']}, "
              f"{meta['steps']} optimizer steps per run, bf16 as sftlab chooses on this CPU; {meta['cpu']}, "
              f"load average {meta['load_before']} before, {meta['load_after']} after. Off by = (estimate - measured) "
              "/ measured. Targets: memory within 25%, time within 30%.", "",
@@ -112,16 +129,22 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--model", default="bundled", choices=["bundled", "small"],
+                    help="bundled: SmolLM2-135M-Instruct; small: a random 4-layer 256-wide Llama (13M parameters, "
+                         "most of them the embedding), for a machine too busy for the bundled model")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sftlab-report-bench-"))
+    sys.path.insert(0, str(ROOT / "src"))
+    model = "smollm2-135m-instruct" if args.model == "bundled" else small_model(work / "small-llama")
     data = work / "train.jsonl"
     write_data(data, args.rows)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    meta = {"rows": args.rows, "steps": args.steps, "batch": args.batch, "cpu": f"{cpu}, {os.cpu_count()} cores",
+    meta = {"model": "SmolLM2-135M-Instruct (bundled)" if args.model == "bundled" else
+             "random Llama, 4 layers, hidden 256, 13M parameters, bundled tokenizer", "rows": args.rows, "steps": args.steps, "batch": args.batch, "cpu": f"{cpu}, {os.cpu_count()} cores",
             "load_before": round(os.getloadavg()[0], 1)}
     rows = []
     for name in args.configs.split(","):
-        rows.append(measure(name, work, data, args.steps, args.batch))
+        rows.append(measure(name, work, data, args.steps, args.batch, model))
         print(json.dumps(rows[-1]), flush=True)
     meta["load_after"] = round(os.getloadavg()[0], 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
