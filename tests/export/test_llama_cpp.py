@@ -22,8 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = [json.loads(line)["instruction"] for line in open(REPO / "examples/demo/test.jsonl")][:3]
 
 
-def open_gguf(path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=2, verbose=False, seed=0)
+def open_gguf(path, exact_cache: bool = False):
+    """llama.cpp with its defaults, or with an f32 KV cache (its default f16 cache rounds keys and values: a random
+    tiny model's near-tied greedy choices then differ from fp32 torch while the model itself is right)."""
+    kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if exact_cache else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=2, verbose=False, seed=0, **kv)
 
 
 def client_prompt_ids(llm, messages: list[Message]) -> list[int]:
@@ -114,7 +117,7 @@ def test_llama_cpp_builds_the_training_prompt_and_generates_the_same_tokens(name
         [Message("user", "Hi"), Message("assistant", "Hello! How can I help?"), Message("user", "Name a color.")],
     ]
     prompts, res, _, _, _ = sftlab_greedy(str(model_dir), conversations, max_new=24)
-    llm = open_gguf(path)
+    llm = open_gguf(path, exact_cache=True)
     for conv, prompt, want in zip(conversations, prompts, res.sequences):
         assert client_prompt_ids(llm, conv) == prompt, (name, conv)
         got, _ = client_greedy(llm, prompt, 24)
