@@ -21,7 +21,8 @@ browser:
 
 # llama.cpp (llama-cpp-python, PyPI ships it as source) runs and quantizes the GGUF exports in the tests: built for this
 # CPU with the CPU backend only (no server, tools, examples, tests or multimodal library), two jobs. pip keeps the
-# built wheel in its cache, so only the first set-up on a machine compiles it (~25 min on 2 busy cores).
+# built wheel in its cache, so only the first set-up on a machine compiles it (measured: 60 min on 2 cores shared
+# with a load average of 12, where the two compiler jobs got about a quarter of one core).
 LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DGGML_BLAS=OFF
 
