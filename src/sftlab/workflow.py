@@ -226,6 +226,10 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
 
         ensure_run_estimate(cfg, data.train)  # what the model card compares this run with
     set_seed(t.seed)  # LoRA initialisation draws random numbers: the same --seed must give the same adapter
+    if t.device.type == "cpu":
+        from sftlab.train.distributed import init_deepspeed_comm
+
+        init_deepspeed_comm(t)  # ZeRO-3 partitions while loading (accelerate starts DeepSpeed's comm on GPUs only)
     model, base_path = load_model(cfg.model, cfg.finetuning, for_training=t.do_train)
     if t.do_train:
         trainable, total = count_parameters(model)

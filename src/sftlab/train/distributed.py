@@ -145,3 +145,20 @@ def once_per_machine(args, desc: str):
     nested ``main_process_first`` blocks; every rank passes the same two barriers.)"""
     with args.main_process_first(local=False, desc=desc), args.main_process_first(local=True, desc=desc):
         yield
+
+
+def init_deepspeed_comm(args) -> bool:
+    """With ``--deepspeed`` on CPU ranks, start DeepSpeed's communication layer before the model is loaded.
+
+    ZeRO-3 partitions the weights while ``from_pretrained`` builds the model (``zero.Init``), which reads the world
+    size from DeepSpeed's own layer. accelerate starts that layer only for GPU-type backends; on CPU ranks it
+    started later (in ``deepspeed.initialize``), so ``zero.Init`` saw one process and refused the batch sizes.
+    Reuses the process group the Trainer's arguments already made."""
+    if not getattr(args, "deepspeed", None) or args.world_size <= 1:
+        return False
+    from deepspeed import comm
+
+    if comm.is_initialized():
+        return False
+    comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    return True
