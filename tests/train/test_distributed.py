@@ -35,10 +35,11 @@ def test_held_bytes_of_an_unsharded_model_are_its_parameters_and_adam_moments():
     assert held_bytes(model, opt) == (params, 2 * params + 4 * n_tensors)  # exp_avg, exp_avg_sq, fp32 step
 
 
-def _trainer(distributed_type, plugin_args):
+def _trainer(distributed_type, plugin_args, mixed_precision="no"):
     from accelerate.utils import DistributedType
 
-    state = SimpleNamespace(distributed_type=getattr(DistributedType, distributed_type), fsdp_plugin=None)
+    state = SimpleNamespace(distributed_type=getattr(DistributedType, distributed_type), fsdp_plugin=None,
+                            mixed_precision=mixed_precision)
     return SimpleNamespace(accelerator=SimpleNamespace(state=state), args=SimpleNamespace(fsdp_plugin_args=plugin_args),
                            is_fsdp_enabled=False)
 
@@ -57,3 +58,17 @@ def test_cpu_switch_refuses_fsdp1():
 def test_no_parent_death_signal_outside_a_launcher(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert die_with_launcher() is False
+
+
+def test_cpu_switch_turns_on_fsdp2_with_the_runs_precision(monkeypatch):
+    """bf16 under FSDP2 is the sharding's MixedPrecisionPolicy (as accelerate sets it on GPUs); without it a --bf16
+    run trained in fp32 (measured: the same weights as the fp32 run)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setitem(PartialState._shared_state, "distributed_type", DistributedType.MULTI_CPU)  # restored after
+    trainer = _trainer("MULTI_CPU", {"fsdp_version": 2}, mixed_precision="bf16")
+    assert enable_fsdp_on_cpu(trainer) and trainer.is_fsdp_enabled
+    assert trainer.accelerator.state.distributed_type == DistributedType.FSDP
+    assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
+    assert trainer.accelerator.state.fsdp_plugin.mixed_precision_policy.param_dtype == torch.bfloat16

@@ -46,6 +46,10 @@ def enable_fsdp_on_cpu(trainer) -> bool:
     # many helpers), so the type is changed in both shared states.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
+    if state.mixed_precision != "no":
+        # As accelerate does when it turns FSDP on itself: under FSDP2 the precision is the sharding's
+        # MixedPrecisionPolicy (bf16 compute weights), not an autocast around the forward.
+        plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
     return True
