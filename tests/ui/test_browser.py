@@ -1,6 +1,8 @@
 """One scripted session in a real browser (Debian's chromium, driven by Playwright): new run from the form, live
 curve, stop, interrupted + checkpoint, resume, finished, predictions, chat, data preview against the command line,
-compare. Screenshots of each page go to docs/screenshots/. A missing browser is a failure: `make test` installs it."""
+compare. Screenshots of each page go to $SFTLAB_SCREENSHOTS when set (`SFTLAB_SCREENSHOTS=docs/screenshots` refreshes
+the README's), else to a temporary folder, so a test run leaves the tree as it was. A missing browser is a failure:
+`make test` installs it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 from tests.ui.conftest import SRC, running_app
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("SFTLAB_SCREENSHOTS") or tempfile.mkdtemp(prefix="sftlab-ui-shots-"))
 MAX_STEPS = 24
 
 FORM = {
