@@ -12,6 +12,7 @@ from typing import Literal
 
 from sftlab.config import Option
 from sftlab.errors import ConfigError, SftlabError
+from sftlab.logs import log
 
 USAGE = """usage: sftlab <command> [CONFIG.yaml] [--key value ...]
 
@@ -27,25 +28,19 @@ commands:
                  [--quantization f16|q8_0|q4_k_m|...] --out FILE.gguf (docs/GGUF.md)
   index          build a retrieval index: sftlab index --documents FILE --embedding_model NAME --out DIR
   ui             local web app: sftlab ui [--workspace DIR] [--host 127.0.0.1] [--port 7860] [--token T]
+
+every command also takes --verbose: implementation details (speed paths, caches, template) in the log
 """
 
 
 def _quiet_libraries() -> None:
+    from sftlab.logs import quiet_third_party
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import warnings
-
-    try:  # per-tensor "Loading weights" bars drown the progress line that matters
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_third_party()
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -240,7 +235,7 @@ def _data_report(cfg, out: str, dedup: bool, no_probe: bool) -> int:
     from sftlab.report import data_report, write_report
 
     report = data_report(cfg, out_dir=out, dedup=dedup, probe=not no_probe,
-                         log=lambda s: print(f"[sftlab] {s}", flush=True))
+                         log=log.info)
     paths = write_report(report, out)
     for line in report.summary_lines():
         print(line)

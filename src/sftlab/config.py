@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from sftlab.errors import ConfigError
+from sftlab.logs import set_verbose
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 
@@ -466,6 +467,8 @@ def parse_command(argv: list[str], options: tuple[Option, ...] = (), command: st
                   takes_config: bool = True) -> CommandLine:
     """The one argv parser of every command: `[TARGET] [--key value ...]`; ``options`` are the command's own."""
     target, values = parse_argv(argv)
+    if "verbose" in values:  # every command: also show implementation details
+        set_verbose(_coerce(values.pop("verbose"), bool, "verbose"))
     own: dict[str, Any] = {}
     for opt in options:
         raw = values.pop(opt.name, None)

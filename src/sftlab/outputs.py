@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sftlab.files import write_atomically
+
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def read_log(output_dir: str | Path) -> list[dict]:

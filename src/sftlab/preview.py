@@ -12,7 +12,7 @@ from typing import TextIO
 
 from sftlab.config import Config
 from sftlab.data.dataset import encode_row, load_rows
-from sftlab.data.tokenize import IGNORE
+from sftlab.data.tokenize import IGNORE_INDEX
 
 _ON, _OFF = "\033[1;32m", "\033[0m"
 
@@ -21,7 +21,7 @@ def _spans(ids: list[int], labels: list[int]) -> list[tuple[bool, list[int]]]:
     """Consecutive runs of (trained?, ids)."""
     runs: list[tuple[bool, list[int]]] = []
     for i, l in zip(ids, labels):
-        trained = l != IGNORE
+        trained = l != IGNORE_INDEX
         if runs and runs[-1][0] == trained:
             runs[-1][1].append(i)
         else:
@@ -76,7 +76,7 @@ def preview(cfg: Config, n: int = 3, fmt: str = "text", out: TextIO = sys.stdout
             else:
                 print(f"\n=== example {k} ({where}, {f}): dropped ({why})", file=out)
             continue
-        trained_ids = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE]
+        trained_ids = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
         if fmt == "json":
             print(json.dumps({
                 "source": where, "format": f,

@@ -29,6 +29,7 @@ from sftlab.data.dataset import load_rows
 from sftlab.data.duplicates import DuplicateCounts, DuplicateIndex, Place, write_deduplicated
 from sftlab.data.stats import SplitStats, row_tokens
 from sftlab.errors import ConfigError
+from sftlab.logs import log
 from sftlab.outputs import ESTIMATE_FILE, write_json
 from sftlab.train.estimate import CostEstimate, add_probe, estimate_cost, process_rss
 
@@ -476,13 +477,13 @@ def ensure_run_estimate(cfg: Config, examples: list[dict]) -> None:
             return
     except (OSError, json.JSONDecodeError):
         pass
-    from sftlab.data.tokenize import IGNORE
+    from sftlab.data.tokenize import IGNORE_INDEX
 
     try:
         lengths = [len(e["input_ids"]) for e in examples]
-        trained = [sum(l != IGNORE for l in e["labels"]) for e in examples]
+        trained = [sum(l != IGNORE_INDEX for l in e["labels"]) for e in examples]
         report = Report({})
         report.cost = estimate_cost(cfg, lengths, trained, process_rss(), data_in_process=True)
         record_estimate(cfg, report, source="sftlab train (analytic, before loading the model)")
     except Exception as e:  # an estimate must never stop a training run
-        print(f"[sftlab] no cost estimate for the model card: {type(e).__name__}: {e}", flush=True)
+        log.warning(f"no cost estimate for the model card: {type(e).__name__}: {e}")

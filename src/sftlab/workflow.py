@@ -15,14 +15,9 @@ from sftlab.data.formats import FileFormat, FormatOptions
 from sftlab.data.templates import Template, load_saved_template, load_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError
+from sftlab.logs import log, quiet_third_party
 from sftlab.train.checkpoint import find_resume_checkpoint
 from sftlab.outputs import plot_loss, write_json, write_model_card
-
-
-def log(msg: str) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(f"[sftlab] {msg}", flush=True)
 
 
 # ---- checks before anything heavy -----------------------------------------------------------------------------
@@ -114,7 +109,7 @@ def build_datasets(cfg: Config, tokenizer, template: Template, retriever=None) -
                                   num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
                                   overwrite_cache=d.overwrite_cache)
         out.summaries.append(summ)
-        log(summ.line())
+        log.info(summ.line())
         return ex
 
     # Rank 0 tokenizes and fills the cache; the other ranks then read it (each machine tokenizes once at most).
@@ -125,7 +120,7 @@ def build_datasets(cfg: Config, tokenizer, template: Template, retriever=None) -
             out.train = tok(d.train_file, "train")
             if d.val_size:
                 out.train, out.eval = split_off(out.train, d.val_size, t.seed)
-                log(f"[eval] split off {len(out.eval)} of the training examples (val_size={d.val_size})")
+                log.info(f"[eval] split off {len(out.eval)} of the training examples (val_size={d.val_size})")
         if d.eval_file and (t.do_eval or t.do_train):
             out.eval = tok(d.eval_file, "eval")
     return out
@@ -137,7 +132,7 @@ def maybe_pack(examples: list[dict] | None, cfg: Config) -> list[dict] | None:
     from sftlab.data.packing import pack_examples
 
     packs = pack_examples(examples, cfg.data.cutoff_len)
-    log(f"packed {len(examples)} examples into {len(packs)} rows of up to {cfg.data.cutoff_len} tokens")
+    log.info(f"packed {len(examples)} examples into {len(packs)} rows of up to {cfg.data.cutoff_len} tokens")
     return packs
 
 
@@ -167,7 +162,7 @@ def speed_up_for_cpu(model, cfg: Config):
     )
     applied = apply(model, options)
     for line in applied.changes:
-        log(line)
+        log.debug(line)
     return applied.batch_hook
 
 
@@ -214,6 +209,7 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     from sftlab.models.load import count_parameters, load_model
 
     preflight(cfg)
+    quiet_third_party()
     t = cfg.training
     tokenizer, template = load_tokenizer_and_template(cfg)
     retriever = open_retriever(cfg, tokenizer)
@@ -233,8 +229,9 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     model, base_path = load_model(cfg.model, cfg.finetuning, for_training=t.do_train)
     if t.do_train:
         trainable, total = count_parameters(model)
-        log(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, "
-            f"{cfg.finetuning.finetuning_type}); bf16 autocast {'on' if t.bf16 else 'off'}")
+        log.info(f"model {cfg.model.model_name_or_path} ({total / 1e6:.1f}M parameters, "
+                 f"{trainable / 1e6:.2f}M trainable, {cfg.finetuning.finetuning_type}); "
+                 f"bf16 autocast {'on' if t.bf16 else 'off'}")
     trainer = build_trainer(cfg, model, tokenizer, template, data, callbacks)
     if cfg.rqa.full_dataset_file_path and t.do_train and cfg.data.eval_file is not None:
         from sftlab.rqa.e2e import attach_e2e_callback
@@ -253,8 +250,8 @@ def load_tokenizer_and_template(cfg: Config):
     tokenizer = load_tokenizer(model_path)
     template = resolve_template(cfg, tokenizer, model_path)
     check_template_tokens(tokenizer, template)
-    log(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}; "
-        f"{template.describe_tools()}")
+    log.debug(f"template '{template.name}', train_on={cfg.data.train_on}, cutoff_len={cfg.data.cutoff_len}; "
+              f"{template.describe_tools()}")
     return tokenizer, template
 
 
@@ -273,7 +270,7 @@ def load_prediction_items(cfg: Config, tokenizer, template: Template, retriever=
 
         test_files = retrieved_context_files(test_files, "test", cfg, retriever)
     items = prediction_items(test_files, tokenizer, template, encode_settings(cfg), cfg.data.max_samples)
-    log(f"[test] {len(items)} prompts for prediction")
+    log.info(f"[test] {len(items)} prompts for prediction")
     return items
 
 
@@ -308,8 +305,8 @@ def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Datas
     wants_fsdp = bool(t.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if wants_fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate enables FSDP for GPU (and other accelerator) backends only; elsewhere it silently trains DDP.
-        log("FSDP was requested but is not active on this device (accelerate enables it on GPUs only); "
-            "training runs as plain data parallelism (DDP)")
+        log.info("FSDP was requested but is not active on this device (accelerate enables it on GPUs only); "
+                 "training runs as plain data parallelism (DDP)")
     return trainer
 
 
@@ -320,7 +317,7 @@ def fit(run: Run) -> dict[str, Any]:
 
     trainer, t = run.trainer, run.cfg.training
     if run.resume:
-        log(f"resuming from {run.resume} (pass --overwrite_output_dir true to start over)")
+        log.info(f"resuming from {run.resume} (pass --overwrite_output_dir true to start over)")
     result = trainer.train(resume_from_checkpoint=run.resume)
     save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
     tokens, trained = trainer.global_token_counts()
@@ -336,9 +333,9 @@ def fit(run: Run) -> dict[str, Any]:
         run.tokenizer.save_pretrained(t.output_dir)  # the template was saved before training
         write_json(os.path.join(t.output_dir, "train_results.json"), metrics)
         trainer.state.save_to_json(os.path.join(t.output_dir, "trainer_state.json"))
-    log(f"train_loss {metrics.get('train_loss', float('nan')):.4f}, "
-        f"{metrics['train_tokens_per_second']:.1f} tokens/s "
-        f"({metrics['train_target_tokens_per_second']:.1f} trained tokens/s)")
+    log.info(f"train_loss {metrics.get('train_loss', float('nan')):.4f}, "
+             f"{metrics['train_tokens_per_second']:.1f} tokens/s "
+             f"({metrics['train_target_tokens_per_second']:.1f} trained tokens/s)")
     return metrics
 
 
@@ -354,7 +351,7 @@ def evaluate(run: Run) -> dict[str, Any]:
                                    prefix="eval", write_results=False))
     if trainer.is_world_process_zero():
         write_json(os.path.join(cfg.training.output_dir, "eval_results.json"), metrics)
-    log("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    log.info("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics
 
 
@@ -410,6 +407,6 @@ def run_predict(cfg: Config, model, tokenizer, template: Template, items, traine
     if write_results:
         write_json(os.path.join(t.output_dir, f"{prefix}_results.json"), scores)
     if write_results:  # the eval phase prints its generation scores with the rest of its metrics
-        log(f"{prefix}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+        log.info(f"{prefix}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
     return scores
 

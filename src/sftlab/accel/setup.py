@@ -156,10 +156,11 @@ def with_flat_batch_shape(inputs: dict, pad_to_multiple_of: int) -> dict:
     import torch.nn.functional as F
 
     from sftlab.data.collator import pad_flat_batch
+    from sftlab.data.tokenize import IGNORE_INDEX
 
     if pad_to_multiple_of > 1:
         if inputs.get("shift_labels") is None:
-            inputs = dict(inputs, shift_labels=F.pad(inputs["labels"][:, 1:], (0, 1), value=-100))
+            inputs = dict(inputs, shift_labels=F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE_INDEX))
         inputs = pad_flat_batch(inputs, pad_to_multiple_of)
     if inputs.get("attention_mask") is None:
         ids = inputs["input_ids"]

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import ConfigError
 
-IGNORE_INDEX = -100
 MASK_MODES = ("auto", "4d", "flatten")
 
 

@@ -23,7 +23,7 @@ from sftlab.data.loader import Row, read_rows
 from sftlab.data.templates import Message, Template
 from sftlab.data.tools import assistant_text, call_dicts
 from sftlab.data.tokenize import (
-    IGNORE,
+    IGNORE_INDEX,
     Encoded,
     cut_to_length,
     encode_messages,
@@ -135,7 +135,7 @@ def _encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSett
                 break
         if len(enc.input_ids) > s.cutoff_len:
             enc = cut_to_length(enc, s.cutoff_len, last_answer_start(enc))
-    if all(l == IGNORE for l in enc.labels):
+    if all(l == IGNORE_INDEX for l in enc.labels):
         return None, "no trained token"
     return enc, None
 
@@ -218,7 +218,7 @@ def tokenize_files(files: list[str], split: str, tokenizer, template: Template, 
             continue
         examples.append(ex)
         summary.truncated += truncated
-        n_trained = sum(l != IGNORE for l in ex["labels"])
+        n_trained = sum(l != IGNORE_INDEX for l in ex["labels"])
         summary.trained_tokens += n_trained
         summary.prompt_tokens += len(ex["input_ids"]) - n_trained
     summary.kept = len(examples)

@@ -23,7 +23,7 @@ from sftlab.data import formats as F
 from sftlab.data.dataset import EncodeSettings, encode_row
 from sftlab.data.loader import Row
 from sftlab.data.templates import Template
-from sftlab.data.tokenize import IGNORE, Encoded, encode_messages, encode_text
+from sftlab.data.tokenize import IGNORE_INDEX, Encoded, encode_messages, encode_text
 
 
 @dataclass
@@ -43,7 +43,7 @@ class RowTokens:
 
 
 def _trained(enc: Encoded) -> int:
-    return sum(l != IGNORE for l in enc.labels)
+    return sum(l != IGNORE_INDEX for l in enc.labels)
 
 
 def _text_answer_mask(tokenizer, enc: Encoded) -> list[bool]:
@@ -124,7 +124,7 @@ class SplitStats:
             return
         self.kept += 1
         self.kept_lengths.append(len(enc.input_ids))
-        trained = np.asarray(enc.labels) != IGNORE
+        trained = np.asarray(enc.labels) != IGNORE_INDEX
         n_trained = int(trained.sum())
         self.kept_trained.append(n_trained)
         self.tokens += len(enc.input_ids)

@@ -16,8 +16,9 @@ import numpy as np
 
 from sftlab.data.templates import Message, Rendered, Template, answer_spans
 from sftlab.errors import ConfigError, DataError
+from sftlab.logs import log
 
-IGNORE = -100
+IGNORE_INDEX = -100
 # Stands in for an answer when locating where the generation prompt ends; any word-like start behaves the same.
 _PROBE = "Hello"
 
@@ -94,7 +95,7 @@ def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
     if train_all:
         labels = list(ids)
     else:
-        labels = [i if trained else IGNORE for i, trained in zip(ids, _overlaps(offs, spans))]
+        labels = [i if trained else IGNORE_INDEX for i, trained in zip(ids, _overlaps(offs, spans))]
     mask = _overlaps(offs, answer_chars) if answer_chars is not None else None
     return Encoded(ids, labels, answer_mask=mask)
 
@@ -152,9 +153,9 @@ def encode_text(tokenizer, text: str) -> Encoded:
 def last_answer_start(enc: Encoded) -> int:
     """Index of the first token of the final trained run (the last answer)."""
     i = len(enc.labels)
-    while i > 0 and enc.labels[i - 1] == IGNORE:
+    while i > 0 and enc.labels[i - 1] == IGNORE_INDEX:
         i -= 1
-    while i > 0 and enc.labels[i - 1] != IGNORE:
+    while i > 0 and enc.labels[i - 1] != IGNORE_INDEX:
         i -= 1
     return i
 
@@ -203,8 +204,8 @@ def check_template_tokens(tokenizer, template: Template) -> None:
     are the user's explicit choice: their markers are trained as text and generation stops on the string."""
     if template.name == "prefix":
         for s in multi_token_stop_strings(tokenizer, template):
-            print(f"[sftlab] note: end-of-turn marker {s!r} is not a single token of this tokenizer; it is trained "
-                  "as text and generation stops when the text appears")
+            log.info(f"note: end-of-turn marker {s!r} is not a single token of this tokenizer; it is trained "
+                     "as text and generation stops when the text appears")
         return
     for s in template.stop_strings:
         if not s:

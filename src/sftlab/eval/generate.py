@@ -214,16 +214,11 @@ def write_predictions(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, (prompt, predict, label) in enumerate(zip(prompts, predicts, labels)):
-                row = {"prompt": prompt, "predict": predict, "label": label, **(extras[i] if extras else {})}
-                f.write(json.dumps(row, ensure_ascii=False))
-                f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from sftlab.files import atomic_writer
+
+    with atomic_writer(path) as f:
+        for i, (prompt, predict, label) in enumerate(zip(prompts, predicts, labels)):
+            row = {"prompt": prompt, "predict": predict, "label": label, **(extras[i] if extras else {})}
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
     return path

@@ -18,6 +18,7 @@ from pathlib import Path
 from sftlab.config import GeneratingArguments
 from sftlab.data.templates import Template
 from sftlab.export.chat_template import as_pattern
+from sftlab.files import write_atomically
 
 __all__ = ["go_template", "modelfile_text", "write_modelfile"]
 
@@ -88,12 +89,5 @@ def modelfile_text(gguf_name: str, template: Template, tail: str, gen: Generatin
 def write_modelfile(path: Path, gguf_path: Path, template: Template, tail: str, gen: GeneratingArguments) -> Path:
     """Write the Modelfile atomically (temporary name, then rename)."""
     text = modelfile_text(gguf_path.name, template, tail, gen)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, text)
     return path

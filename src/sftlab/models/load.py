@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sftlab.config import FinetuningArguments, ModelArguments
 from sftlab.errors import ConfigError
+from sftlab.logs import log
 from sftlab.models.bundled import BUNDLED_NAMES, bundled_model_dir, convert_gguf, default_cache_dir
 
 
@@ -80,8 +81,8 @@ def load_model(model_args: ModelArguments, finetuning: FinetuningArguments | Non
         if torch.cuda.is_available() and _has_flash_attn():
             attn = "flash_attention_2"
         else:
-            print("[sftlab] --use_flash_attention: flash-attention is not available here (no CUDA or no flash_attn "
-                  "package); using sdpa")
+            log.warning("--use_flash_attention: flash-attention is not available here (no CUDA or no flash_attn "
+                        "package); using sdpa")
     if attn == "flash_attention_2" and not (torch.cuda.is_available() and _has_flash_attn()):
         raise ConfigError("attn_implementation=flash_attention_2 needs a CUDA GPU and the flash_attn package")
     dtype = torch.float32 if (for_training or not bf16) else torch.bfloat16

@@ -33,16 +33,13 @@ from sftlab.config import training_amp
 from sftlab.data import formats as F
 from sftlab.data.loader import Row
 from sftlab.errors import ConfigError, DataError
+from sftlab.files import atomic_writer, write_atomically
+from sftlab.logs import log
 
 CONTEXT_DIR = "rqa_context"  # under output_dir: the data files with their retrieved passages
 RESULTS_FILE = "e2e_eval_results.json"
 PREDICTIONS_FILE = "e2e_predictions.jsonl"
 EVAL_PREDICTIONS_FILE = "e2e_eval_predictions.jsonl"  # the latest in-training evaluation
-
-
-def _log(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[sftlab] {msg}", flush=True)
 
 
 # ---- options and the retriever ----------------------------------------------------------------------------------
@@ -84,8 +81,8 @@ def open_rqa_retriever(cfg, tokenizer=None):
                                    chunk_size=r.chunk_size, chunk_overlap=r.chunk_overlap)
     r.full_dataset_index_path = index_dir  # the saved config then names the index that was used
     verb = "built" if retriever.built else "reused"
-    _log(f"[rqa] {verb} the index of {len(retriever.documents)} passages at {index_dir} "
-         f"(embeddings: {retriever.embedder.model_id})")
+    log.info(f"[rqa] {verb} the index of {len(retriever.documents)} passages at {index_dir} "
+             f"(embeddings: {retriever.embedder.model_id})")
     return retriever
 
 
@@ -159,8 +156,8 @@ def retrieved_context_files(files: Sequence[str], split: str, cfg, retriever) ->
         target = out_dir / f"{split}-{i}-{Path(path).stem}.jsonl"
         _write_if_changed(target, "\n".join(lines) + "\n")
         out.append(str(target))
-    _log(f"[{split}] rqa_context=retrieved: top-{k} passages with the gold ones, shuffled with seed {seed} "
-         f"(files in {out_dir})")
+    log.info(f"[{split}] rqa_context=retrieved: top-{k} passages with the gold ones, shuffled with seed {seed} "
+             f"(files in {out_dir})")
     return out
 
 
@@ -169,9 +166,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, text)
 
 
 # ---- end-to-end evaluation --------------------------------------------------------------------------------------
@@ -282,11 +277,9 @@ def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
     """JSON lines (UTF-8, unescaped), written to a temporary file and renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_writer(path) as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -319,8 +312,8 @@ def attach_e2e_callback(trainer, cfg, tokenizer, template, retriever=None) -> E2
     callback = E2ECallback(trainer, E2EEvaluator(cfg, tokenizer, template, retriever), rows,
                            cfg.training.output_dir)
     trainer.add_callback(callback)
-    _log(f"[rqa] end-to-end evaluation of {len(rows)} eval questions at every evaluation "
-         f"(top-{cfg.rqa.retrieval_top_k} passages, greedy decoding)")
+    log.info(f"[rqa] end-to-end evaluation of {len(rows)} eval questions at every evaluation "
+             f"(top-{cfg.rqa.retrieval_top_k} passages, greedy decoding)")
     return callback
 
 
@@ -335,5 +328,5 @@ def run_e2e_test(trainer, cfg, tokenizer, template, retriever) -> dict[str, floa
     out = cfg.training.output_dir
     write_json(os.path.join(out, RESULTS_FILE), result.metrics)
     write_jsonl(os.path.join(out, PREDICTIONS_FILE), result.predictions)
-    _log(f"[rqa] end-to-end on {len(rows)} test questions: {format_metrics(result.metrics)}")
+    log.info(f"[rqa] end-to-end on {len(rows)} test questions: {format_metrics(result.metrics)}")
     return result.metrics

@@ -10,6 +10,8 @@ import time
 
 from transformers import TrainerCallback
 
+from sftlab.files import atomic_writer
+
 
 def _fmt_secs(s: float) -> str:
     s = int(max(0, s))
@@ -29,14 +31,13 @@ def _drop_records_after(path: str, step: int) -> None:
             except (ValueError, AttributeError):
                 continue  # a line cut short by the kill
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_writer(path) as fh:
         fh.writelines(kept)
-    os.replace(tmp, path)
 
 
 class LogCallback(TrainerCallback):
-    """Writes `trainer_log.jsonl` (main process only) and prints a progress line with loss, lr, tokens/s and ETA."""
+    """Writes `trainer_log.jsonl` (main process only) and shows progress: a progress bar with loss, tokens/s and ETA
+    on a terminal, a log line per logging step otherwise. Tokens/s leave out the time spent evaluating."""
 
     def __init__(self, token_counts, output_dir: str, stream=None):
         self.token_counts = token_counts  # () -> (non-pad, trained) tokens seen so far on this rank
@@ -45,11 +46,13 @@ class LogCallback(TrainerCallback):
         self.start = None
         self.start_step = 0
         self.last_time = None
+        self.last_step_end = None
         self.last_tokens = 0
         self.last_trained = 0
+        self.bar = None
 
     def on_train_begin(self, args, state, control, **kw):
-        self.start = self.last_time = time.time()
+        self.start = self.last_time = self.last_step_end = time.time()
         self.start_step = state.global_step
         self.last_tokens, self.last_trained = self.token_counts()
         if state.is_world_process_zero and os.path.exists(self.path):
@@ -57,6 +60,28 @@ class LogCallback(TrainerCallback):
                 os.remove(self.path)  # a fresh run; a resumed run appends
             else:
                 _drop_records_after(self.path, state.global_step)
+        if state.is_world_process_zero and _is_terminal(self.stream):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, file=self.stream, unit="step",
+                            dynamic_ncols=True, leave=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.last_step_end = time.time()
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_evaluate(self, args, state, control, **kw):
+        # Evaluation ran since the last step (and the log line after it): that time is not training time.
+        now = time.time()
+        paused = now - max(self.last_time or now, self.last_step_end or now)
+        if self.last_time is not None:
+            self.last_time += max(paused, 0.0)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or self.start is None:
@@ -83,24 +108,39 @@ class LogCallback(TrainerCallback):
         if state.is_world_process_zero:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
-            self._print(state, record)
+            self._show(state, record)
 
-    def _print(self, state, r: dict) -> None:
-        total = max(state.max_steps, 1)
-        width = 20
-        filled = int(width * state.global_step / total)
-        bar = "#" * filled + "-" * (width - filled)
-        if "loss" in r:
-            msg = (f"[{bar}] {state.global_step}/{total} loss {r['loss']:.4f} lr {r['learning_rate']:.2e} "
-                   f"tok/s {r['tokens_per_second']:.0f} elapsed {_fmt_secs(r['elapsed'])} "
-                   f"ETA {_fmt_secs(r['remaining'])}")
+    def _show(self, state, r: dict) -> None:
+        if "loss" in r and self.bar is not None:
+            self.bar.set_postfix_str(f"loss {r['loss']:.4f}, {r['tokens_per_second']:.0f} tok/s", refresh=True)
+            return
+        msg = _progress_line(state, r)
+        if msg is None:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=self.stream)
         else:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                     if k.startswith(("eval_", "e2e_"))}
-            if not shown:
-                return  # the end-of-training summary: the workflow prints it
-            msg = f"[{bar}] {state.global_step}/{total} " + " ".join(f"{k} {v}" for k, v in shown.items())
-        print(msg, file=self.stream, flush=True)
+            print(msg, file=self.stream, flush=True)
+
+
+def _is_terminal(stream) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def _progress_line(state, r: dict) -> str | None:
+    """A logging step as one line (output that is not a terminal, and evaluation results)."""
+    total = max(state.max_steps, 1)
+    width = 20
+    filled = int(width * state.global_step / total)
+    bar = "#" * filled + "-" * (width - filled)
+    if "loss" in r:
+        return (f"[{bar}] {state.global_step}/{total} loss {r['loss']:.4f} lr {r['learning_rate']:.2e} "
+                f"tok/s {r['tokens_per_second']:.0f} elapsed {_fmt_secs(r['elapsed'])} "
+                f"ETA {_fmt_secs(r['remaining'])}")
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k.startswith(("eval_", "e2e_"))}
+    if not shown:
+        return None  # the end-of-training summary: the workflow prints it
+    return f"[{bar}] {state.global_step}/{total} " + " ".join(f"{k} {v}" for k, v in shown.items())
 
 
 class GracefulStop(TrainerCallback):

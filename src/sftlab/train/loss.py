@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import ConfigError
 
-IGNORE_INDEX = -100
 # Batch keys that go to the model; everything else (labels, shift_labels, seq_lens...) stays out so the model
 # never computes its own full-logits loss.
 MODEL_INPUT_KEYS = (

@@ -1,0 +1,71 @@
+"""sftlab's one logger: `[sftlab] ...` lines from the main process only; implementation details only with
+``--verbose``.
+
+    from sftlab.logs import log
+    log.info("what the user needs")         # shown
+    log.debug("what the code did, and why")  # shown with --verbose
+    log.warning("something to act on")      # stderr
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger("sftlab")
+
+
+class _MainProcessOnly(logging.Filter):
+    """Every rank of a distributed run runs the same code; one of them speaks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return int(os.environ.get("RANK", "0")) == 0
+
+
+class _ByLevel(logging.Handler):
+    """Info and details to stdout, warnings and errors to stderr; the streams are looked up at each call, so output
+    captured by tests or redirected later still arrives."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _setup() -> None:
+    handler = _ByLevel()
+    handler.setFormatter(logging.Formatter("[sftlab] %(message)s"))
+    handler.addFilter(_MainProcessOnly())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def set_verbose(on: bool) -> None:
+    """``--verbose``: also show implementation details (what was sped up, cached, rebuilt, ...)."""
+    log.setLevel(logging.DEBUG if on else logging.INFO)
+
+
+
+def quiet_third_party() -> None:
+    """Deprecation notices and warnings that libraries address to their own users (transformers, peft, accelerate,
+    torch), not to sftlab's, are not shown; sftlab's own warnings and everything else still are."""
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch)(\.|$)")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the progress bar that matters
+    except ImportError:
+        pass
+
+
+_setup()
