@@ -12,14 +12,14 @@ from sftlab.data.dataset import EncodeSettings, encode_row
 from sftlab.data.formats import FormatOptions
 from sftlab.data.loader import Row
 from sftlab.data.templates import Message, load_template
-from sftlab.data.tokenize import IGNORE, encode_messages, encode_prompt
+from sftlab.data.tokenize import IGNORE_INDEX, encode_messages, encode_prompt
 from sftlab.config import DataArguments
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
 def trained_text(tok, enc) -> str:
-    return tok.decode([i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE], skip_special_tokens=False)
+    return tok.decode([i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX], skip_special_tokens=False)
 
 
 def full_text(tok, enc) -> str:
@@ -63,7 +63,7 @@ def test_alpaca_tokenizer_template_exact(smol_tokenizer):
         SMOL_SYSTEM + "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
     # The answer and the end-of-turn token are trained; the newline after it is not.
     assert trained_text(smol_tokenizer, enc) == "5<|im_end|>"
-    assert enc.labels[-1] == IGNORE and enc.labels[-2] == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert enc.labels[-1] == IGNORE_INDEX and enc.labels[-2] == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_sharegpt_multi_turn_completion_vs_last_turn_vs_all(smol_tokenizer):
@@ -109,7 +109,7 @@ def test_llama2_and_mistral_on_sentencepiece(sp_tokenizer):
     assert t.render(msgs).text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello there </s>"
     # SentencePiece folds the space before the answer into '▁Hello': that token is trained, not lost.
     assert trained_text(sp_tokenizer, enc).strip() == "Hello there </s>"
-    first = next(i for i, l in enumerate(enc.labels) if l != IGNORE)
+    first = next(i for i, l in enumerate(enc.labels) if l != IGNORE_INDEX)
     assert sp_tokenizer.convert_ids_to_tokens(enc.input_ids[first]).startswith("▁")
     t = load_template("mistral", sp_tokenizer)
     enc = encode_messages(sp_tokenizer, t, msgs[1:])
@@ -176,9 +176,9 @@ def test_generation_prompt_is_a_prefix_of_training_ids(template_name, row, tok_n
     assert enc.input_ids[: len(prompt)] == prompt
     # Every token after the prompt belongs to the final answer (trained), up to the end-of-turn marker.
     tail = enc.labels[len(prompt):]
-    n_trained = sum(l != IGNORE for l in tail)
+    n_trained = sum(l != IGNORE_INDEX for l in tail)
     assert n_trained >= 1
-    assert all(l != IGNORE for l in tail[:n_trained])
+    assert all(l != IGNORE_INDEX for l in tail[:n_trained])
     # Decoding the generation prompt plus the trained tail gives back the whole rendered conversation.
     assert tok.decode(enc.input_ids, skip_special_tokens=False).replace(" ", "") == \
         t.render(msgs).text.replace(" ", "")

@@ -12,7 +12,7 @@ import pytest
 from sftlab.data import formats as F
 from sftlab.data.loader import Row
 from sftlab.data.templates import Message, ToolCall, load_template
-from sftlab.data.tokenize import IGNORE, encode_messages, encode_prompt
+from sftlab.data.tokenize import IGNORE_INDEX, encode_messages, encode_prompt
 from sftlab.data.tools import parse_tool_calls
 from sftlab.errors import ConfigError
 from tests.assets.chat_templates import LLAMA31_TOOLS, QWEN25_TOOLS
@@ -52,7 +52,7 @@ def conversation(data: dict):
 def trained_runs(tok, enc) -> list[str]:
     runs, cur = [], []
     for i, l in zip(enc.input_ids, enc.labels):
-        if l != IGNORE:
+        if l != IGNORE_INDEX:
             cur.append(i)
         elif cur:
             runs.append(tok.decode(cur)), cur.clear()
@@ -63,7 +63,7 @@ def trained_runs(tok, enc) -> list[str]:
 
 def assert_prompts_are_prefixes(tok, template, msgs, tools, enc):
     """For every assistant turn: the generation prompt's ids start the example and training starts right there."""
-    starts = [i for i in range(len(enc.labels)) if enc.labels[i] != IGNORE and (i == 0 or enc.labels[i - 1] == IGNORE)]
+    starts = [i for i in range(len(enc.labels)) if enc.labels[i] != IGNORE_INDEX and (i == 0 or enc.labels[i - 1] == IGNORE_INDEX)]
     turns = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     assert len(starts) == len(turns)
     for start, turn in zip(starts, turns):

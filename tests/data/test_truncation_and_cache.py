@@ -9,7 +9,7 @@ import pytest
 from sftlab.data.dataset import EncodeSettings, split_off, tokenize_files
 from sftlab.data.formats import FormatOptions
 from sftlab.data.templates import load_template
-from sftlab.data.tokenize import IGNORE
+from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import DataError
 
 
@@ -35,7 +35,7 @@ def test_keep_answer_cuts_prompt_from_left_and_keeps_answer(tmp_path, smol_token
     ex, summary = tokenize_files([f], "train", smol_tokenizer, t, settings(64), cache_dir=str(tmp_path / "c"))
     ids, labels = ex[0]["input_ids"], ex[0]["labels"]
     assert len(ids) == 64 and summary.truncated == 1 and summary.kept == 1
-    trained = smol_tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE])
+    trained = smol_tokenizer.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert trained == "short answer<|im_end|>"
     # The prompt lost its beginning (system/user header), not its end.
     assert smol_tokenizer.decode(ids).startswith(" word") or smol_tokenizer.decode(ids).startswith("word")
@@ -46,7 +46,7 @@ def test_keep_answer_long_answer_keeps_its_start_and_half_the_prompt(tmp_path, s
     f = write(tmp_path, "a.jsonl", [LONG_ANSWER])
     ex, _ = tokenize_files([f], "train", smol_tokenizer, t, settings(64), cache_dir=str(tmp_path / "c"))
     ids, labels = ex[0]["input_ids"], ex[0]["labels"]
-    first_trained = next(i for i, l in enumerate(labels) if l != IGNORE)
+    first_trained = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
     assert len(ids) == 64
     assert smol_tokenizer.decode(ids[first_trained:]).startswith("answer answer")
     assert first_trained > 0  # some prompt is kept
@@ -80,7 +80,7 @@ def test_row_without_trained_token_is_dropped_and_counted(tmp_path, smol_tokeniz
     f = write(tmp_path, "a.jsonl", [{"instruction": "q", "output": "a"}, LONG_PROMPT])
     ex, summary = tokenize_files([f], "train", smol_tokenizer, t, settings(1024), cache_dir=str(tmp_path / "c"))
     assert summary.dropped == {}
-    assert summary.trained_tokens == sum(sum(l != IGNORE for l in e["labels"]) for e in ex)
+    assert summary.trained_tokens == sum(sum(l != IGNORE_INDEX for l in e["labels"]) for e in ex)
     assert summary.prompt_tokens + summary.trained_tokens == sum(len(e["input_ids"]) for e in ex)
 
 

@@ -14,7 +14,7 @@ from sftlab.data import formats as F
 from sftlab.data.dataset import EncodeSettings, encode_row, tokenize_files
 from sftlab.data.loader import Row, read_rows
 from sftlab.data.templates import load_template
-from sftlab.data.tokenize import IGNORE
+from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.rqa import e2e
 from sftlab.rqa.documents import load_documents
 from sftlab.rqa.metrics import same_document
@@ -35,7 +35,7 @@ def _settings(cutoff_len: int = 4096) -> EncodeSettings:
 
 
 def _first_trained(labels: list[int]) -> int:
-    return next(i for i, label in enumerate(labels) if label != IGNORE)
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
 
 
 _PASSAGE_VECS: dict[int, np.ndarray] = {}
