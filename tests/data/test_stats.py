@@ -13,7 +13,7 @@ from sftlab.data.formats import FormatOptions
 from sftlab.data.loader import Row
 from sftlab.data.stats import SplitStats, distribution, row_tokens
 from sftlab.data.templates import load_template
-from sftlab.data.tokenize import IGNORE
+from sftlab.data.tokenize import IGNORE_INDEX
 
 
 def _settings(cutoff: int = 1024, train_on: str = "completion") -> EncodeSettings:
@@ -34,7 +34,7 @@ def test_markup_is_the_end_of_turn_marker_and_answers_are_the_text(smol_tokenize
     tok = smol_tokenizer
     tmpl = load_template(template, tok)
     enc, _ = encode_row("sharegpt", ROW, tok, tmpl, _settings(), with_answer_mask=True)
-    trained = [(i, a) for i, l, a in zip(enc.input_ids, enc.labels, enc.answer_mask) if l != IGNORE]
+    trained = [(i, a) for i, l, a in zip(enc.input_ids, enc.labels, enc.answer_mask) if l != IGNORE_INDEX]
     markup = [tok.decode([i]) for i, a in trained if not a]
     answers = tok.decode([i for i, a in trained if a])
     assert markup == ["<|im_end|>", "<|im_end|>"]
