@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,12 +87,9 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 def held_bytes(output: str) -> dict[int, tuple[int, int]]:
     """rank -> (parameter bytes, optimizer-state bytes), from the lines each rank prints after its first step."""
-    held = {}
-    for line in output.splitlines():
-        if " holds " in line and line.startswith("[sftlab] rank "):
-            words = line.split()
-            held[int(words[2])] = (int(words[4]), int(words[9]))
-    return held
+    found = re.findall(r"\[sftlab\] rank (\d+) holds (\d+) bytes of parameters and (\d+) bytes of optimizer state",
+                       output)
+    return {int(rank): (int(p), int(s)) for rank, p, s in found}
 
 
 def check_like_one_process(out: Path, ref: str, label: str) -> float:

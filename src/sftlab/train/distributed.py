@@ -113,8 +113,10 @@ class ShardReport(TrainerCallback):
         trainer = self.trainer_ref()
         params, opt_state = held_bytes(trainer.model, trainer.optimizer)
         rank = int(os.environ.get("RANK", "0"))
-        print(f"[sftlab] rank {rank} holds {params} bytes of parameters and {opt_state} bytes of optimizer state",
-              flush=True)
+        # One write per line: the ranks share the launcher's stdout, and print() writes the newline separately.
+        sys.stdout.write(f"[sftlab] rank {rank} holds {params} bytes of parameters and {opt_state} bytes of "
+                         f"optimizer state\n")
+        sys.stdout.flush()
 
 
 def die_with_launcher() -> bool:
