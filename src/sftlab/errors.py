@@ -20,6 +20,15 @@ class DataError(SftlabError):
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.file, self.line, self.field = file, line, field
+        self.detail = message
+
+    def __reduce__(self):
+        # Raised in a tokenization worker process, it crosses back with its place intact.
+        return _data_error, (self.detail, self.file, self.line, self.field)
+
+
+def _data_error(message: str, file: str | None, line: int | None, field: str | None) -> DataError:
+    return DataError(message, file=file, line=line, field=field)
 
 
 class ConfigError(SftlabError):

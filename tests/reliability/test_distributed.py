@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import os
 from pathlib import Path
 
 
@@ -20,7 +21,7 @@ from tests.reliability.conftest import (
 )
 
 # Loaded by every Python process started with this directory on PYTHONPATH (torchrun's agent too); it records, per
-# rank, each call of tokenize_files and of load_rows (reading the data files, i.e. really tokenizing).
+# rank, each call of tokenize_files and of stream_rows (reading the data files, i.e. really tokenizing).
 PROBE = r'''
 import os, sys
 if os.environ.get("SFTLAB_PROBE_DIR"):
@@ -32,14 +33,14 @@ if os.environ.get("SFTLAB_PROBE_DIR"):
             fh.write("x\n")
 
     def _patch(mod):
-        load_rows, tokenize_files = mod.load_rows, mod.tokenize_files
-        def probe_load_rows(*a, **k):
-            _record("load_rows")
-            return load_rows(*a, **k)
+        stream_rows, tokenize_files = mod.stream_rows, mod.tokenize_files
+        def probe_stream_rows(*a, **k):
+            _record("stream_rows")
+            return stream_rows(*a, **k)
         def probe_tokenize_files(*a, **k):
             _record("tokenize_files")
             return tokenize_files(*a, **k)
-        mod.load_rows, mod.tokenize_files = probe_load_rows, probe_tokenize_files
+        mod.stream_rows, mod.tokenize_files = probe_stream_rows, probe_tokenize_files
 
     class _Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -62,7 +63,9 @@ def _launch(cmd: list[str], probe_dir: Path, tmp_path: Path) -> str:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(PROBE)
-    env = child_env(PYTHONPATH=str(site), SFTLAB_PROBE_DIR=str(probe_dir))
+    # The probe first, then this checkout's source when the caller put it on the path (else the installed sftlab).
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    env = child_env(PYTHONPATH=path, SFTLAB_PROBE_DIR=str(probe_dir))
     r = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r.stdout + r.stderr
@@ -102,7 +105,7 @@ def test_torchrun_then_accelerate_resume_match_one_process(tmp_path, model_dir, 
 
     # Both ranks asked for the data; only rank 0 read and tokenized the files, rank 1 got the cache.
     assert _calls(probe, "tokenize_files") == {"rank0": 1, "rank1": 1}, log[-3000:]
-    assert _calls(probe, "load_rows") == {"rank0": 1}
+    assert _calls(probe, "stream_rows") == {"rank0": 1}
     assert len(list(cache.iterdir())) == 1
     # One checkpoint directory for both ranks, with each rank's RNG state, and no staging directory left.
     ckpt = out / f"checkpoint-{SAVE_STEPS}"

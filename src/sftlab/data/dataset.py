@@ -1,25 +1,29 @@
 """Files -> tokenized examples, with truncation, drop accounting, an on-disk cache and a printed summary.
 
-Flow: `loader.read_rows` (file, line) -> `formats.to_messages` -> `templates.render` -> `tokenize.encode_*` ->
-truncation -> examples `{"input_ids", "labels"}`. Rows are validated while being converted, so every bad row fails
-here, before any model is loaded. The result is cached under a key made of the data's bytes, the tokenizer, the
-template and every setting that changes the output; other ranks of a distributed run read that cache.
+Flow: `loader.iter_rows` (file, line) -> `formats.to_messages` -> `templates.render` -> `tokenize.encode_*` ->
+truncation -> examples `{"input_ids", "labels"}`. `encode_row` does this for one row (the reference);
+`tokenize_files` does it in batches over worker processes (sftlab.data.batched) and writes the examples to an
+Arrow file that is then memory-mapped (sftlab.data.store). Rows are validated while being converted, so every bad
+row fails here, before any model is loaded. The cache entry is keyed by the data's bytes, the tokenizer, the
+template and every setting that changes the output; other ranks of a distributed run map that entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sftlab.data import formats as F
-from sftlab.data.loader import Row, read_rows
+from sftlab.data.batched import count_trained, encode_stream
+from sftlab.data.loader import Row, iter_rows, read_rows
+from sftlab.data.store import EXAMPLES_FILE, ExampleWriter, TokenizedExamples
 from sftlab.data.templates import Message, Template
 from sftlab.data.tools import assistant_text, call_dicts
 from sftlab.data.tokenize import (
@@ -33,7 +37,7 @@ from sftlab.data.tokenize import (
 )
 from sftlab.errors import DataError
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: Arrow files
 
 
 @dataclass
@@ -92,20 +96,32 @@ def load_rows(files: list[str], dataset_format: str | None, column_mapping: dict
 
 def encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSettings,
                with_answer_mask: bool = False) -> tuple[Encoded | None, str | None]:
-    """One row -> (example, None) or (None, reason it was dropped). `with_answer_mask`: see `Encoded`."""
+    """One row -> (example, None) or (None, reason it was dropped). `with_answer_mask`: see `Encoded`. The
+    per-row reference: the batched path (sftlab.data.batched) gives the same examples, tested token for token."""
+    with naming_row(row):
+        if fmt == "text":
+            return fit_encoded(fmt, row, encode_text(tokenizer, F.row_text(row)), tokenizer, template, s)
+        messages = F.to_messages(fmt, row, s.options)
+        enc = encode_messages(tokenizer, template, messages, s.train_on, F.row_tools(row), s.train_on_reasoning,
+                              with_answer_mask)
+        return fit_encoded(fmt, row, enc, tokenizer, template, s, with_answer_mask)
+
+
+@contextlib.contextmanager
+def naming_row(row: Row):
+    """A template's complaint about the conversation (it refused it, or dropped a turn's reasoning) names the row."""
     try:
-        return _encode_row(fmt, row, tokenizer, template, s, with_answer_mask)
+        yield
     except DataError as e:
         if e.file is not None:
             raise
-        # A template's complaint about the conversation (it refused it, or dropped a turn's reasoning): name the row.
         raise DataError(str(e), file=row.file, line=row.line) from None
 
 
-def _encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSettings,
-                with_answer_mask: bool) -> tuple[Encoded | None, str | None]:
+def fit_encoded(fmt: str, row: Row, enc: Encoded, tokenizer, template: Template, s: EncodeSettings,
+                with_answer_mask: bool = False) -> tuple[Encoded | None, str | None]:
+    """Apply cutoff_len and the truncation policy to a row's full encoding; drop rows with nothing to train."""
     if fmt == "text":
-        enc = encode_text(tokenizer, F.row_text(row))
         if len(enc.input_ids) > s.cutoff_len:
             if s.truncation == "error":
                 raise DataError(f"{len(enc.input_ids)} tokens exceed cutoff_len={s.cutoff_len}", file=row.file, line=row.line)
@@ -113,16 +129,13 @@ def _encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSett
                 return None, "too long"
             enc = Encoded(enc.input_ids[: s.cutoff_len], enc.labels[: s.cutoff_len], truncated=True)
         return enc, None
-    messages = F.to_messages(fmt, row, s.options)
-    tools = F.row_tools(row)
-    enc = encode_messages(tokenizer, template, messages, s.train_on, tools, s.train_on_reasoning,
-                          with_answer_mask)
     if len(enc.input_ids) > s.cutoff_len:
         if s.truncation == "error":
             raise DataError(f"{len(enc.input_ids)} tokens exceed cutoff_len={s.cutoff_len} (truncation=error)",
                             file=row.file, line=row.line)
         if s.truncation == "drop":
             return None, "too long"
+        tools = F.row_tools(row)
         # Oldest context first: whole earlier exchanges / history entries, while any remain.
         for drop in range(1, F.context_units(fmt, row, s.options) + 1):
             shorter = F.to_messages(fmt, row, s.options, drop=drop)
@@ -138,16 +151,6 @@ def _encode_row(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSett
     if all(l == IGNORE_INDEX for l in enc.labels):
         return None, "no trained token"
     return enc, None
-
-
-def _encode_chunk(args: tuple) -> list[tuple[dict | None, str | None, str, bool]]:
-    pairs, tokenizer, template, settings = args
-    out = []
-    for fmt, row in pairs:
-        enc, why = encode_row(fmt, row, tokenizer, template, settings)
-        out.append(({"input_ids": enc.input_ids, "labels": enc.labels} if enc else None, why, fmt,
-                    bool(enc and enc.truncated)))
-    return out
 
 
 def _fingerprint(obj: Any) -> str:
@@ -181,68 +184,90 @@ def default_data_cache() -> Path:
     return default_cache_dir() / "data"
 
 
-def tokenize_files(files: list[str], split: str, tokenizer, template: Template, settings: EncodeSettings,
-                   max_samples: int | None = None, num_workers: int | None = None,
-                   cache_dir: str | None = None, overwrite_cache: bool = False) -> tuple[list[dict], DataSummary]:
-    """Tokenized examples of one split and its summary, from the cache when the same inputs were seen before."""
-    key = _fingerprint({
+def stream_rows(files: list[str], dataset_format: str | None, column_mapping: dict[str, str],
+                max_samples: int | None, options: F.FormatOptions | None = None) -> Iterator[tuple[str, Row]]:
+    """(format, row) pairs from every file, read lazily (as `load_rows`, which lists them all)."""
+    for path in files:
+        fmt, mapping = dataset_format, column_mapping
+        own = options.files.get(path) if options else None
+        if own is not None:
+            fmt = own.dataset_format or fmt
+            mapping = {**mapping, **own.column_mapping}
+        if fmt and fmt not in F.FORMATS:
+            raise DataError(f"unknown dataset_format '{fmt}'; choose one of {F.FORMATS}")
+        for row in iter_rows(path, max_samples):
+            row = F.apply_column_mapping(row, mapping)
+            if fmt is None:
+                fmt = F.detect_format(set(row.data), path)
+            yield fmt, row
+
+
+def _rows_hint(files: list[str], max_samples: int | None) -> int | None:
+    """About how many rows the files hold (JSONL lines), for the progress bar; None when unknown."""
+    total = 0
+    for f in files:
+        p = Path(f)
+        if not (p.is_file() and p.suffix.lower() == ".jsonl"):
+            return None
+        with open(p, "rb") as fh:
+            n = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
+        total += min(n, max_samples) if max_samples else n
+    return total
+
+
+def cache_key(files: list[str], tokenizer, template: Template, settings: EncodeSettings,
+              max_samples: int | None) -> str:
+    return _fingerprint({
         "v": CACHE_VERSION, "files": _files_digest(files), "tok": tokenizer_fingerprint(tokenizer),
         "template": template.to_dict(), "settings": asdict(settings), "max_samples": max_samples,
     })
+
+
+def tokenize_files(files: list[str], split: str, tokenizer, template: Template, settings: EncodeSettings,
+                   max_samples: int | None = None, num_workers: int | None = None,
+                   cache_dir: str | None = None, overwrite_cache: bool = False) -> tuple[TokenizedExamples, DataSummary]:
+    """Tokenized examples of one split (memory-mapped from the on-disk cache) and its summary.
+
+    The cache entry is keyed by the data's bytes, the tokenizer, the template and every setting that changes the
+    output; when it exists the files are not read again (this is how the other ranks of a distributed run get
+    their data: the main process tokenizes first)."""
+    key = cache_key(files, tokenizer, template, settings, max_samples)
     cache_root = Path(cache_dir) if cache_dir else default_data_cache()
     entry = cache_root / key[:32]
-    if entry.is_dir() and (entry / "summary.json").is_file() and not overwrite_cache:
-        examples = [json.loads(l) for l in (entry / "examples.jsonl").read_text().splitlines() if l]
+    if (entry / "summary.json").is_file() and (entry / EXAMPLES_FILE).is_file() and not overwrite_cache:
         summary = DataSummary(**json.loads((entry / "summary.json").read_text()))
         summary.split = split
-        return examples, summary
-
-    pairs = load_rows(files, settings.dataset_format, settings.column_mapping, max_samples, settings.options)
-    summary = DataSummary(split=split, rows_read=len(pairs))
-    if num_workers and num_workers > 1 and len(pairs) > 64:
-        import multiprocessing as mp
-
-        size = (len(pairs) + num_workers - 1) // num_workers
-        chunks = [(pairs[i:i + size], tokenizer, template, settings) for i in range(0, len(pairs), size)]
-        with mp.get_context("spawn").Pool(num_workers) as pool:
-            results = [x for part in pool.map(_encode_chunk, chunks) for x in part]
-    else:
-        results = _encode_chunk((pairs, tokenizer, template, settings))
-    examples = []
+        return TokenizedExamples(entry / EXAMPLES_FILE), summary
+    try:
+        writer = ExampleWriter(entry)
+    except OSError:
+        # The cache directory is not writable: the examples still go to disk, in a temporary directory.
+        writer = ExampleWriter(Path(tempfile.mkdtemp(prefix="sftlab-data-")) / key[:32])
+    summary = DataSummary(split=split)
     fmts: Counter = Counter()
     dropped: Counter = Counter()
-    for ex, why, fmt, truncated in results:
-        fmts[fmt] += 1
-        if ex is None:
-            dropped[why] += 1
-            continue
-        examples.append(ex)
-        summary.truncated += truncated
-        n_trained = sum(l != IGNORE_INDEX for l in ex["labels"])
-        summary.trained_tokens += n_trained
-        summary.prompt_tokens += len(ex["input_ids"]) - n_trained
-    summary.kept = len(examples)
-    summary.dropped = dict(dropped)
-    summary.formats = dict(fmts)
-    if not examples:
-        raise DataError(f"{split}: no example left to train on ({summary.line()})", file=", ".join(files))
-    _write_cache(entry, examples, summary)
-    return examples, summary
-
-
-def _write_cache(entry: Path, examples: list[dict], summary: DataSummary) -> None:
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-        with open(tmp / "examples.jsonl", "w") as fh:
-            for ex in examples:
-                fh.write(json.dumps(ex) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(asdict(summary)))
-        if entry.exists():
-            shutil.rmtree(entry, ignore_errors=True)
-        os.replace(tmp, entry)
-    except OSError:
-        pass  # the cache is an optimisation; a read-only or full disk must not stop training
+        pairs = stream_rows(files, settings.dataset_format, settings.column_mapping, max_samples, settings.options)
+        for chunk in encode_stream(pairs, tokenizer, template, settings, num_workers=num_workers,
+                                   total=_rows_hint(files, max_samples), desc=f"tokenize {split}"):
+            writer.write(chunk.input_ids, chunk.labels, chunk.lengths)
+            summary.rows_read += chunk.rows
+            summary.kept += len(chunk.lengths)
+            summary.truncated += chunk.truncated
+            trained = count_trained(chunk.labels)
+            summary.trained_tokens += trained
+            summary.prompt_tokens += len(chunk.input_ids) - trained
+            fmts.update(chunk.formats)
+            dropped.update(chunk.dropped)
+        summary.dropped = dict(dropped)
+        summary.formats = dict(fmts)
+        if not summary.kept:
+            raise DataError(f"{split}: no example left to train on ({summary.line()})", file=", ".join(files))
+        path = writer.commit({"summary.json": json.dumps(asdict(summary))})
+    except BaseException:
+        writer.abort()
+        raise
+    return TokenizedExamples(path / EXAMPLES_FILE), summary
 
 
 @dataclass
@@ -275,15 +300,21 @@ def prediction_items(files: list[str], tokenizer, template: Template, settings: 
     return items
 
 
-def split_off(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split val_size (a fraction < 1, or a count >= 1) of the examples off as an eval set, reproducibly."""
+def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and the eval examples when val_size (a fraction < 1, or a count >= 1) of n
+    examples is split off, reproducibly; each list in the examples' order."""
     import random
 
-    n = len(examples)
     k = int(round(val_size * n)) if val_size < 1 else int(val_size)
     if not 0 < k < n:
         raise DataError(f"val_size={val_size} leaves no training or no eval example out of {n}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     eval_idx = set(order[:k])
-    return [e for i, e in enumerate(examples) if i not in eval_idx], [e for i, e in enumerate(examples) if i in eval_idx]
+    return [i for i in range(n) if i not in eval_idx], sorted(eval_idx)
+
+
+def split_off(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split val_size (a fraction < 1, or a count >= 1) of the examples off as an eval set, reproducibly."""
+    train_idx, eval_idx = split_indices(len(examples), val_size, seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in eval_idx]

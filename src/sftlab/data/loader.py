@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sftlab.errors import DataError
 
@@ -141,6 +141,49 @@ def read_rows(path_or_name: str, max_samples: int | None = None) -> list[Row]:
     if not rows:
         raise DataError("no rows: the dataset is empty", file=str(path_or_name))
     return rows[:max_samples] if max_samples else rows
+
+
+def iter_rows(path_or_name: str, max_samples: int | None = None) -> Iterator[Row]:
+    """The rows of one file, read lazily where the format allows it (JSONL: line by line), so a large file is never
+    held in memory; the same rows, line numbers and errors as `read_rows`."""
+    path = Path(path_or_name)
+    if not (path.is_file() and path.suffix.lower() == ".jsonl" and _starts_with_object(path)):
+        yield from read_rows(path_or_name, max_samples)
+        return
+    n, number, pos = 0, 0, 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            try:
+                text = raw.decode("utf-8-sig" if pos == 0 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (byte {pos + e.start}); re-encode the file as UTF-8", file=str(path),
+                                line=number + 1) from None
+            pos += len(raw)
+            for line in text.splitlines():  # as read_rows counts lines (\r, \u2028... end lines too)
+                number += 1
+                if max_samples and n >= max_samples:
+                    return
+                if line.strip():
+                    n += 1
+                    yield _jsonl_row(line, number, str(path))
+
+
+def _starts_with_object(path: Path) -> bool:
+    """Whether the file's first non-blank character opens a JSON object (JSONL), read from its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).decode("utf-8-sig", "ignore").lstrip()
+    return head.startswith("{")
+
+
+def _jsonl_row(line: str, number: int, file: str) -> Row:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=file, line=number) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, found {type(obj).__name__}", file=file, line=number)
+    _check_unicode(obj, line, file, number)
+    return Row(obj, file, number)
 
 
 def _hub_rows(name: str) -> list[Row]:

@@ -180,10 +180,20 @@ class Template:
 
     # ---- jinja kind -------------------------------------------------------------------------------------
     def _jinja(self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
-        tmpl = _compiled_jinja(self.jinja or "")
+        dicts = [_jinja_message(m) for m in messages]
+        if not tools and all(len(d) == 2 for d in dicts):  # role and content only
+            from sftlab.data.shapes import render_by_shape
+
+            text = render_by_shape(self, dicts, add_generation_prompt)
+            if text is not None:
+                return text
+        return self.jinja_render(dicts, add_generation_prompt, tools)
+
+    def jinja_render(self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        """The Jinja template rendered for message dicts (compiled once per process)."""
         extra = {"tools": tools} if tools else {}
-        return tmpl.render(
-            messages=[_jinja_message(m) for m in messages],
+        return _compiled_jinja(self.jinja or "").render(
+            messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._special.get("bos", ""),
             eos_token=self._special.get("eos", ""),

@@ -40,15 +40,19 @@ def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
 
 def _prompt_ids_and_end(tokenizer, prompt_text: str) -> tuple[list[int], int]:
     """Ids of the generation prompt and the character where they end (before any token merging into the answer)."""
-    ids, offs = _tokenize(tokenizer, prompt_text + _PROBE)
-    n = len(prompt_text)
+    return prompt_cut(len(prompt_text), *_tokenize(tokenizer, prompt_text + _PROBE))
+
+
+def prompt_cut(n: int, ids: list[int], offs: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """From the tokens of a prompt of n characters followed by `_PROBE`: the prompt's ids (those ending by
+    character n) and the character where they end."""
     keep = 0
     for s, e in offs:
         if e > n:
             break
         keep += 1
     end = offs[keep - 1][1] if keep else 0
-    return ids[:keep], end
+    return list(ids[:keep]), end
 
 
 def encode_prompt(tokenizer, template: Template, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
@@ -80,8 +84,21 @@ def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
     With `answer_chars` (character spans of the assistant messages' text, `templates.answer_spans`), the result's
     answer_mask marks the tokens that overlap them."""
     ids, offs = _tokenize(tokenizer, rendered.text)
+    prompt = None
     if final_prompt_text is not None and rendered.spans:
-        p_ids, p_end = _prompt_ids_and_end(tokenizer, final_prompt_text)
+        prompt = _prompt_ids_and_end(tokenizer, final_prompt_text)
+    return label_tokens(ids, offs, rendered, train_all, prompt, answer_chars)
+
+
+def label_tokens(ids: list[int], offs: list[tuple[int, int]], rendered: Rendered, train_all: bool,
+                 prompt: tuple[list[int], int] | None,
+                 answer_chars: list[tuple[int, int]] | None = None) -> Encoded:
+    """Labels for the tokens of `rendered.text`: a token is trained when it overlaps a span. `prompt` is the final
+    generation prompt's (ids, end character), from `prompt_cut`: the ids are spliced to start with exactly those
+    ids, and everything from the prompt's end to the last answer is trained."""
+    ids, offs = list(ids), list(offs)
+    if prompt is not None and rendered.spans:
+        p_ids, p_end = prompt
         if ids[: len(p_ids)] != p_ids:
             # The whole-text tokenization differs inside the prompt; splice at a shared token boundary.
             rest = [i for i, (s, _) in enumerate(offs) if s >= p_end]
@@ -127,9 +144,19 @@ def trained_turns(messages: list[Message], train_on: str) -> set[int]:
     return out
 
 
-def encode_messages(tokenizer, template: Template, messages: list[Message], train_on: str = "completion",
-                    tools: list[dict] | None = None, train_on_reasoning: bool = True,
-                    with_answer_mask: bool = False) -> Encoded:
+@dataclass
+class Prepared:
+    """A conversation made text, before tokenization: what is trained, and the final generation prompt."""
+
+    rendered: Rendered
+    train_all: bool
+    prompt_text: str | None  # the final turn's generation prompt, when that turn is trained
+    answer_chars: list[tuple[int, int]] | None
+
+
+def prepare_messages(template: Template, messages: list[Message], train_on: str = "completion",
+                     tools: list[dict] | None = None, train_on_reasoning: bool = True,
+                     with_answer_mask: bool = False) -> Prepared:
     rendered = template.render(messages, tools, train_on_reasoning)
     answers = answer_spans(rendered, messages) if with_answer_mask else None
     keep = trained_turns(messages, train_on)
@@ -138,8 +165,15 @@ def encode_messages(tokenizer, template: Template, messages: list[Message], trai
                         [rendered.opens_turn[k] for k in picked])
     final = len(messages) - 1
     prompt_text = template.render_prompt(messages[:-1], tools) if final in keep else None
-    return encode_rendered(tokenizer, rendered, train_all=train_on == "all", final_prompt_text=prompt_text,
-                           answer_chars=answers)
+    return Prepared(rendered, train_on == "all", prompt_text, answers)
+
+
+def encode_messages(tokenizer, template: Template, messages: list[Message], train_on: str = "completion",
+                    tools: list[dict] | None = None, train_on_reasoning: bool = True,
+                    with_answer_mask: bool = False) -> Encoded:
+    p = prepare_messages(template, messages, train_on, tools, train_on_reasoning, with_answer_mask)
+    return encode_rendered(tokenizer, p.rendered, train_all=p.train_all, final_prompt_text=p.prompt_text,
+                           answer_chars=p.answer_chars)
 
 
 def encode_text(tokenizer, text: str) -> Encoded:
