@@ -169,3 +169,31 @@ def test_arrow_file_opens_with_datasets_and_lengths_match(tmp_path, smol_tokeniz
     assert ds[7]["input_ids"] == ex[7]["input_ids"] and ds[49]["labels"] == ex[-1]["labels"]
     assert ex.lengths().tolist() == [len(e["input_ids"]) for e in ex]
     assert all(l == IGNORE_INDEX or l == i for e in ex for i, l in zip(e["input_ids"], e["labels"]))
+
+
+def test_tool_calls_and_reasoning_same_as_reference(tmp_path, smol_tokenizer):
+    from tests.assets.chat_templates import QWEN25_TOOLS
+    from sftlab.data.templates import Template
+
+    rng = random.Random(11)
+    rows = []
+    for i in range(60):
+        row = make_row("messages", rng)
+        if i % 3 == 0:
+            row["messages"][-1]["reasoning_content"] = words(rng, 1, 20)
+        if i % 3 == 1:
+            row["messages"][-1:-1] = [
+                {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}", "type": "function", "function": {
+                    "name": "get_weather", "arguments": json.dumps({"city": words(rng, 1, 2)})}}]},
+                {"role": "tool", "tool_call_id": f"c{i}", "content": json.dumps({"temp": i})}]
+            row["tools"] = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        rows.append(row)
+    f = tmp_path / "tools.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qwen = _finalize(Template(name="qwen", kind="jinja", jinja=QWEN25_TOOLS), smol_tokenizer)
+    for i, template in enumerate((load_template(None, smol_tokenizer), load_template("chatml", smol_tokenizer), qwen)):
+        for train_on_reasoning in (True, False):
+            s = EncodeSettings("completion", 4096, "keep_answer", None, {}, FormatOptions(),
+                               train_on_reasoning=train_on_reasoning)
+            check_same([str(f)], smol_tokenizer, template, s, tmp_path / f"{i}-{train_on_reasoning}")

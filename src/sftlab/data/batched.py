@@ -87,7 +87,7 @@ def encode_batch(pairs: list[tuple[str, Row]], tokenizer, template: Template,
         texts.append(prep.rendered.text)
         plans.append((fmt, row, prep, p))
     full = tokenize_batch(tokenizer, texts)
-    probed = tokenize_batch(tokenizer, [p + _PROBE for p in prompts])
+    probed = probe_prompts(tokenizer, prompts, [(texts[i], full[i]) for i, plan in enumerate(plans) if plan[3] >= 0])
     eos = tokenizer.eos_token_id
     out = []
     for (fmt, row, prep, p), (ids, offs) in zip(plans, full):
@@ -99,6 +99,55 @@ def encode_batch(pairs: list[tuple[str, Row]], tokenizer, template: Template,
             enc = label_tokens(ids, offs, prep.rendered, prep.train_all, prompt)
         with naming_row(row):
             out.append(fit_encoded(fmt, row, enc, tokenizer, template, settings))
+    return out
+
+
+def _split_specials(tokenizer) -> dict[str, int]:
+    """Special tokens the tokenizer splits the text on before anything else (not normalized, no strip options):
+    the text on either side of one is tokenized on its own."""
+    out = {}
+    for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if (getattr(t, "special", False) and not getattr(t, "normalized", True) and not getattr(t, "lstrip", False)
+                and not getattr(t, "rstrip", False) and not getattr(t, "single_word", False) and t.content):
+            out[t.content] = i
+    return out
+
+
+def probe_prompts(tokenizer, prompts: list[str], texts: list[tuple[str, tuple]]) -> list[tuple[list, list]]:
+    """The tokens of each ``prompt + _PROBE`` (what `tokenize._prompt_ids_and_end` tokenizes), for prompts that
+    begin the text tokenized beside them: the tokens up to the prompt's last special token are taken from the
+    text's tokens (the tokenizer splits on that token first, so what precedes it is tokenized the same), and only
+    ``special + rest of the prompt + _PROBE`` is tokenized. Prompts without such a token are tokenized whole."""
+    import bisect
+
+    specials = _split_specials(tokenizer)
+    tails: list[str] = []
+    plan: list[tuple] = []  # (kind, data): ("tail", (k, cut, ids, offs)) or ("whole", None)
+    for prompt, (text, (ids, offs)) in zip(prompts, texts):
+        cut, special = max(((prompt.rfind(sp), sp) for sp in specials), default=(-1, ""))
+        k = -1
+        if cut >= 0 and text.startswith(prompt):
+            k = bisect.bisect_left(offs, cut, key=lambda o: o[0])
+            if not (k < len(offs) and offs[k] == (cut, cut + len(special)) and ids[k] == specials[special]):
+                k = -1
+        if k < 0:
+            plan.append(("whole", None))
+            continue
+        plan.append(("tail", (k, cut, specials[special], len(special), ids, offs, prompt)))
+        tails.append(prompt[cut:] + _PROBE)
+    tail_tokens = iter(tokenize_batch(tokenizer, tails))
+    whole = iter(tokenize_batch(tokenizer, [p + _PROBE for p, (kind, _) in zip(prompts, plan) if kind == "whole"]))
+    out = []
+    for kind, data in plan:
+        if kind == "whole":
+            out.append(next(whole))
+            continue
+        k, cut, special_id, n, ids, offs, prompt = data
+        t_ids, t_offs = next(tail_tokens)
+        if not (t_ids and t_ids[0] == special_id and tuple(t_offs[0]) == (0, n)):
+            out.append(tokenize_batch(tokenizer, [prompt + _PROBE])[0])  # not split first after all: the whole prompt
+            continue
+        out.append((list(ids[:k]) + list(t_ids), list(offs[:k]) + [(s + cut, e + cut) for s, e in t_offs]))
     return out
 
 
