@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config import Config, save_config, training_amp
-from sftlab.data.dataset import DataSummary, EncodeSettings, prediction_items, split_off, tokenize_files
-from sftlab.data.formats import FileFormat, FormatOptions
+from sftlab.data.dataset import prediction_items
+from sftlab.data.splits import ListDataset, Splits, build_splits, encode_settings  # noqa: F401 (re-exported)
 from sftlab.data.templates import Template, load_saved_template, load_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError
@@ -77,78 +77,6 @@ def resolve_template(cfg: Config, tokenizer, model_path: str | None) -> Template
     return load_template(d.template, tokenizer, data_args=d)
 
 
-def encode_settings(cfg: Config) -> EncodeSettings:
-    d = cfg.data
-    return EncodeSettings(
-        train_on=d.train_on, cutoff_len=d.cutoff_len, truncation=d.truncation, dataset_format=d.dataset_format,
-        column_mapping=d.column_mapping,
-        options=FormatOptions(role_map=d.sharegpt_role_map, sharegpt_keys=d.sharegpt_keys, system=None,
-                              files={k: FileFormat(**v) for k, v in d.file_formats.items()}),
-        train_on_reasoning=d.train_on_reasoning,
-    )
-
-
-@dataclass
-class Datasets:
-    train: list[dict] | None = None
-    eval: list[dict] | None = None
-    summaries: list[DataSummary] = field(default_factory=list)
-
-
-def build_datasets(cfg: Config, tokenizer, template: Template, retriever=None) -> Datasets:
-    d, t = cfg.data, cfg.training
-    s = encode_settings(cfg)
-    out = Datasets()
-
-    def tok(files, split):
-        if d.rqa_context == "retrieved":
-            from sftlab.rqa.e2e import retrieved_context_files
-
-            files = retrieved_context_files(files, split, cfg, retriever)
-        ex, summ = tokenize_files(files, split, tokenizer, template, s, max_samples=d.max_samples,
-                                  num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
-                                  overwrite_cache=d.overwrite_cache)
-        out.summaries.append(summ)
-        log.info(summ.line())
-        return ex
-
-    # Rank 0 tokenizes and fills the cache; the other ranks then read it (each machine tokenizes once at most).
-    from sftlab.train.distributed import once_per_machine
-
-    with once_per_machine(t, desc="tokenize"):
-        if t.do_train and d.train_file:
-            out.train = tok(d.train_file, "train")
-            if d.val_size:
-                out.train, out.eval = split_off(out.train, d.val_size, t.seed)
-                log.info(f"[eval] split off {len(out.eval)} of the training examples (val_size={d.val_size})")
-        if d.eval_file and (t.do_eval or t.do_train):
-            out.eval = tok(d.eval_file, "eval")
-    return out
-
-
-def maybe_pack(examples: list[dict] | None, cfg: Config) -> list[dict] | None:
-    if examples is None or not cfg.data.packing:
-        return examples
-    from sftlab.data.packing import pack_examples
-
-    packs = pack_examples(examples, cfg.data.cutoff_len)
-    log.info(f"packed {len(examples)} examples into {len(packs)} rows of up to {cfg.data.cutoff_len} tokens")
-    return packs
-
-
-class ListDataset:
-    """A list as a torch map-style dataset (Trainer needs __len__/__getitem__ only)."""
-
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
 def speed_up_for_cpu(model, cfg: Config):
     """sftlab.accel's speed paths on CPU (same results); returns the batch hook for the trainer, or None."""
     if cfg.training.device.type != "cpu":
@@ -174,7 +102,7 @@ class Run:
     cfg: Config
     tokenizer: Any
     template: Template
-    data: Datasets
+    data: Splits
     trainer: Any
     base_path: str | None = None
     retriever: Any = None
@@ -213,7 +141,7 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     t = cfg.training
     tokenizer, template = load_tokenizer_and_template(cfg)
     retriever = open_retriever(cfg, tokenizer)
-    data = build_datasets(cfg, tokenizer, template, retriever)
+    data = build_splits(cfg, tokenizer, template, retriever)
     predict_items = load_prediction_items(cfg, tokenizer, template, retriever) if t.do_predict else None
     resume = find_resume_checkpoint(t.output_dir, t.resume_from_checkpoint, cfg.finetuning.overwrite_output_dir
                                     or getattr(t, "overwrite_output_dir", False)) if t.do_train else None
@@ -280,7 +208,7 @@ def save_run_files(cfg: Config, template: Template, directory: str) -> None:
     save_config(cfg, os.path.join(directory, "sftlab_config.yaml"))
 
 
-def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Datasets, callbacks: list | None):
+def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Splits, callbacks: list | None):
     from sftlab.data.collator import SFTCollator, mask_mode_for_attention
     from sftlab.train.callbacks import GracefulStop
     from sftlab.train.trainer import CountingCollator, SFTTrainer
@@ -295,8 +223,8 @@ def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Datas
     collator = CountingCollator(SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_mode=mask_mode))
     trainer = SFTTrainer(
         model=model, args=t, data_collator=collator, processing_class=tokenizer,
-        train_dataset=ListDataset(maybe_pack(data.train, cfg)) if data.train is not None else None,
-        eval_dataset=ListDataset(maybe_pack(data.eval, cfg)) if data.eval is not None else None,
+        train_dataset=ListDataset(data.train) if data.train is not None else None,
+        eval_dataset=ListDataset(data.eval) if data.eval is not None else None,
         callbacks=[GracefulStop(), *(callbacks or [])],
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
         max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward, batch_hook=batch_hook,

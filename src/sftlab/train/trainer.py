@@ -85,6 +85,18 @@ class SFTTrainer(Trainer):
 
         enable_fsdp_on_cpu(self)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """group_by_length from the lengths the examples store (sftlab.data.store), rather than by reading every
+        example of the data set to measure it."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(getattr(dataset, "items", dataset), "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and callable(lengths):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths().tolist())
+        return super()._get_train_sampler(train_dataset)
+
     # ---- training --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
