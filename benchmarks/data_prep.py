@@ -210,7 +210,8 @@ def _run_config(data: str, model_dir: str, cache: str, out: str):
     return parse_config(["--model_name_or_path", model_dir, "--train_file", data, "--output_dir", out,
                          "--data_cache_dir", cache, "--max_steps", "2", "--per_device_train_batch_size", "4",
                          "--save_strategy", "no", "--logging_steps", "1", "--bf16", "false",
-                         "--cutoff_len", str(CUTOFF), "--report_to", "none", "--plot_loss", "false"])
+                         "--cutoff_len", str(CUTOFF), "--report_to", "none", "--plot_loss", "false",
+                         "--preprocessing_num_workers", "2"])
 
 
 def repeated_cache_entry(src_data: Path, big_data: Path, times: int, cache: Path, model_dir: str) -> None:

@@ -32,6 +32,7 @@ from sftlab.data.tokenize import (
     cut_to_length,
     encode_messages,
     encode_prompt,
+    fit_prompt,
     encode_text,
     last_answer_start,
 )
@@ -290,14 +291,24 @@ def prediction_items(files: list[str], tokenizer, template: Template, settings: 
             raise DataError("prediction needs prompts and answers; the 'text' format has none", file=row.file)
         messages = F.to_messages(fmt, row, settings.options)
         tools = F.row_tools(row)
-        prompt_msgs, answer = messages[:-1], messages[-1]
-        ids = encode_prompt(tokenizer, template, prompt_msgs, tools)
-        if len(ids) > settings.cutoff_len:
-            ids = ids[-settings.cutoff_len:]  # the end of the prompt holds the question
+        answer = messages[-1]
+        ids, prompt_msgs = fit_prompt(tokenizer, template, _prompt_without(fmt, row, settings.options),
+                                      settings.cutoff_len, tools)
         calls = call_dicts(answer.tool_calls) if answer.tool_calls else None
         items.append(PredictItem(template.render_prompt(prompt_msgs, tools), ids, assistant_text(answer),
                                  prompt_msgs, tools, calls))
     return items
+
+
+def _prompt_without(fmt: str, row: Row, options: F.FormatOptions):
+    """messages_without for `tokenize.fit_prompt`: the row's prompt without its n oldest context units."""
+    units = F.context_units(fmt, row, options)
+
+    def messages_without(n: int) -> list[Message] | None:
+        msgs = F.to_messages(fmt, row, options, drop=n) if n <= units else None
+        return msgs[:-1] if msgs else None
+
+    return messages_without
 
 
 def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ answer is trained, because at generation time the model has to produce it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -58,6 +59,24 @@ def prompt_cut(n: int, ids: list[int], offs: list[tuple[int, int]]) -> tuple[lis
 def encode_prompt(tokenizer, template: Template, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
     """The ids the model is given to write the next assistant turn; a prefix of the training example's ids."""
     return _prompt_ids_and_end(tokenizer, template.render_prompt(messages, tools))[0]
+
+
+def fit_prompt(tokenizer, template: Template, messages_without: Callable[[int], list[Message] | None],
+               cutoff_len: int, tools: list[dict] | None = None) -> tuple[list[int], list[Message]]:
+    """The generation prompt's ids fitted to cutoff_len the way training fits its examples: whole units of the
+    oldest context are dropped first (`messages_without(n)`: the prompt's messages without its n oldest exchanges
+    or history entries, None when it has fewer), then the prompt is cut from the left, as its end holds the
+    question. Returns the ids and the messages they were made from. The one rule for `predict`, generative
+    evaluation and the RQA end-to-end evaluation."""
+    ids: list[int] = []
+    used: list[Message] = []
+    drop = 0
+    while (messages := messages_without(drop)) is not None:
+        ids, used = encode_prompt(tokenizer, template, messages, tools), messages
+        if len(ids) <= cutoff_len:
+            return ids, used
+        drop += 1
+    return ids[-cutoff_len:], used
 
 
 def _overlaps(offs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

@@ -190,18 +190,17 @@ def e2e_prompt_ids(tokenizer, template, row: dict, passages: Sequence[Any], cuto
 
     Like training, a prompt over cutoff_len loses its oldest chat history first, then is cut from the left.
     """
-    from sftlab.data.tokenize import encode_prompt
+    from sftlab.data.tokenize import fit_prompt
 
     history = row.get("chat_history") or []
-    ids: list[int] = []
-    for drop in range(len(history) + 1):
-        msgs = F.rqa_messages(row, passages=list(passages), system=system, drop_history=drop)
-        if msgs[-1].role == "assistant":
-            msgs = msgs[:-1]
-        ids = encode_prompt(tokenizer, template, msgs)
-        if len(ids) <= cutoff_len:
-            return ids
-    return ids[-cutoff_len:]
+
+    def messages_without(n: int):
+        if n > len(history):
+            return None
+        msgs = F.rqa_messages(row, passages=list(passages), system=system, drop_history=n)
+        return msgs[:-1] if msgs[-1].role == "assistant" else msgs
+
+    return fit_prompt(tokenizer, template, messages_without, cutoff_len)[0]
 
 
 @dataclass
