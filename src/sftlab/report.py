@@ -477,11 +477,13 @@ def ensure_run_estimate(cfg: Config, examples: list[dict]) -> None:
             return
     except (OSError, json.JSONDecodeError):
         pass
-    from sftlab.data.tokenize import IGNORE_INDEX
 
     try:
-        lengths = [len(e["input_ids"]) for e in examples]
-        trained = [sum(l != IGNORE_INDEX for l in e["labels"]) for e in examples]
+        from sftlab.data.store import example_lengths, example_trained_counts
+
+        # From the stored lengths and counts: reading a million examples here would map them all into memory.
+        lengths = example_lengths(examples).tolist()
+        trained = example_trained_counts(examples).tolist()
         report = Report({})
         report.cost = estimate_cost(cfg, lengths, trained, process_rss(), data_in_process=True)
         record_estimate(cfg, report, source="sftlab train (analytic, before loading the model)")

@@ -61,3 +61,16 @@ def test_build_splits_val_size_and_packing(tmp_path, smol_tokenizer):
     assert list(splits.train) == pack_examples(want_train, 256)
     assert list(splits.eval) == pack_examples(want_eval, 256)
     assert [s.split for s in splits.summaries] == ["train"] and splits.summaries[0].rows_read == 80
+
+
+def test_trained_counts_stored_beside_the_tokens(tmp_path, smol_tokenizer):
+    data = write_rows(tmp_path / "d.jsonl", 60, seed=2)
+    cfg = config(tmp_path, data)
+    ex, _ = tokenize_files([data], "train", smol_tokenizer, load_template("chatml", smol_tokenizer),
+                           encode_settings(cfg), cache_dir=str(tmp_path / "cache"))
+    want = [sum(l != -100 for l in e["labels"]) for e in ex]
+    assert ex.trained_counts().tolist() == want
+    train, _ = split_examples(ex, 0.25, seed=3)
+    assert train.trained_counts().tolist() == [sum(l != -100 for l in e["labels"]) for e in train]
+    packed = pack(train, 256)
+    assert packed.trained_counts().tolist() == [sum(l != -100 for l in p["labels"]) for p in packed]

@@ -38,7 +38,7 @@ from sftlab.data.tokenize import (
 )
 from sftlab.errors import DataError
 
-CACHE_VERSION = "2"  # 2: Arrow files
+CACHE_VERSION = "3"  # 2: Arrow files; 3: with trained-token counts
 
 
 @dataclass

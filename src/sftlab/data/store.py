@@ -27,7 +27,8 @@ EXAMPLES_FILE = "examples.arrow"
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      ("trained", pa.int32())])  # tokens with a label, per example
 
 
 class ExampleWriter:
@@ -48,10 +49,13 @@ class ExampleWriter:
 
         if len(lengths) == 0:
             return
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        offsets = pa.array(starts.astype(np.int32))
         ids = pa.ListArray.from_arrays(offsets, pa.array(input_ids, type=pa.int32()))
         lab = pa.ListArray.from_arrays(offsets, pa.array(labels, type=pa.int32()))
-        self._writer.write_batch(pa.record_batch([ids, lab], schema=_schema()))
+        trained = np.add.reduceat((np.asarray(labels) != -100).astype(np.int32), starts[:-1])
+        trained[np.asarray(lengths) == 0] = 0
+        self._writer.write_batch(pa.record_batch([ids, lab, pa.array(trained, type=pa.int32())], schema=_schema()))
 
     def commit(self, extra_files: dict[str, str]) -> Path:
         self._writer.close()
@@ -81,10 +85,12 @@ class TokenizedExamples(Sequence):
         self.path = str(path)
         self._map = pa.memory_map(self.path, "r")
         self._table = pa.ipc.open_stream(self._map).read_all()  # zero-copy: the buffers point into the mapping
-        self._ids, self._labels, self._offsets = [], [], []
+        self._ids, self._labels, self._offsets, self._trained = [], [], [], []
         starts = [0]
         for batch in self._table.to_batches():
             ids, labels = batch.column(0), batch.column(1)
+            if batch.num_columns > 2:
+                self._trained.append(batch.column(2).to_numpy(zero_copy_only=True))
             self._ids.append(ids.values.to_numpy(zero_copy_only=True))
             self._labels.append(labels.values.to_numpy(zero_copy_only=True))
             self._offsets.append(ids.offsets.to_numpy(zero_copy_only=True))
@@ -113,6 +119,12 @@ class TokenizedExamples(Sequence):
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.diff(o) for o in self._offsets]).astype(np.int64)
 
+    def trained_counts(self) -> np.ndarray:
+        """Tokens with a label per example, from the stored column (without reading the tokens)."""
+        if len(self._trained) == len(self._offsets):
+            return np.concatenate(self._trained).astype(np.int64) if self._trained else np.zeros(0, np.int64)
+        return np.asarray([sum(l != -100 for l in e["labels"]) for e in self], dtype=np.int64)
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
             return False
@@ -131,6 +143,13 @@ def example_lengths(examples: Sequence) -> np.ndarray:
     return np.asarray([len(e["input_ids"]) for e in examples], dtype=np.int64)
 
 
+def example_trained_counts(examples: Sequence) -> np.ndarray:
+    """Tokens with a label per example (or pack) of any sequence of examples (cheap for the Arrow-backed ones)."""
+    if hasattr(examples, "trained_counts"):
+        return examples.trained_counts()
+    return np.asarray([sum(l != -100 for l in e["labels"]) for e in examples], dtype=np.int64)
+
+
 class Subset(Sequence):
     """Some examples of another sequence, by index (a split-off training or validation set)."""
 
@@ -147,6 +166,9 @@ class Subset(Sequence):
 
     def lengths(self) -> np.ndarray:
         return example_lengths(self.base)[self.indices]
+
+    def trained_counts(self) -> np.ndarray:
+        return example_trained_counts(self.base)[self.indices]
 
 
 class PackedExamples(Sequence):
@@ -184,3 +206,7 @@ class PackedExamples(Sequence):
 
     def lengths(self) -> np.ndarray:
         return self._lengths
+
+    def trained_counts(self) -> np.ndarray:
+        per_example = example_trained_counts(self.base)[self._order]
+        return np.add.reduceat(per_example, self._starts[:-1]) if len(self._order) else np.zeros(0, np.int64)
