@@ -20,7 +20,8 @@ def base_answers(cfg) -> list[tuple[str, str]]:
     from sftlab.data.tokenize import stop_token_ids
     from sftlab.eval.generate import generate_batched
     from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
-    from sftlab.workflow import encode_settings, resolve_template
+    from sftlab.data.templates import resolve_template
+    from sftlab.data.splits import encode_settings
 
     path = resolve_model_path(cfg.model.model_name_or_path)
     tok = load_tokenizer(path)

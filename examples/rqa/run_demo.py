@@ -58,7 +58,7 @@ def evaluate_base(cfg):
     """End-to-end scores of the model before fine-tuning, through the same evaluator training uses."""
     from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
     from sftlab.rqa.e2e import E2EEvaluator, load_e2e_rows, open_rqa_retriever
-    from sftlab.workflow import resolve_template
+    from sftlab.data.templates import resolve_template
 
     path = resolve_model_path(cfg.model.model_name_or_path)
     tokenizer = load_tokenizer(path)

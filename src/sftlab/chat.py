@@ -18,7 +18,8 @@ import sys
 from typing import Callable, TextIO
 
 from sftlab.config import Config, GeneratingArguments
-from sftlab.data.templates import Message, Template
+from sftlab.data.messages import Message
+from sftlab.data.templates import Template
 from sftlab.data.tokenize import encode_prompt, stop_token_ids
 from sftlab.data.tools import parse_tool_calls
 from sftlab.eval.generate import build_generation_config, cut_at_stop, model_device, pad_token_id
@@ -64,7 +65,7 @@ def load_for_chat(cfg: Config):
     """(model, tokenizer, template, cfg) for chatting with cfg.model.model_name_or_path (an sftlab output dir uses the
     template it was trained with); the same loading as `sftlab chat`."""
     from sftlab.models.load import load_model, load_tokenizer, resolve_model_path
-    from sftlab.workflow import resolve_template
+    from sftlab.data.templates import resolve_template
 
     path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
     tok = load_tokenizer(path)

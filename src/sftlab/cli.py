@@ -12,7 +12,7 @@ from typing import Literal
 
 from sftlab.config import Option
 from sftlab.errors import ConfigError, SftlabError
-from sftlab.logs import log
+from sftlab.logs import log, prepare_process
 
 USAGE = """usage: sftlab <command> [CONFIG.yaml] [--key value ...]
 
@@ -31,16 +31,6 @@ commands:
 
 every command also takes --verbose: implementation details (speed paths, caches, template) in the log
 """
-
-
-def _quiet_libraries() -> None:
-    from sftlab.logs import quiet_third_party
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_third_party()
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -160,7 +150,8 @@ def cmd_export(argv: list[str]) -> int:
 def _export_merged(cfg, model: str, out: str) -> int:
     from sftlab.data.templates import save_template
     from sftlab.models.load import adapter_base, load_model, load_tokenizer
-    from sftlab.workflow import check_writable, resolve_template
+    from sftlab.data.templates import resolve_template
+    from sftlab.workflow import check_writable
 
     if not os.path.isdir(model) or adapter_base(model) is None:
         raise ConfigError(f"--model: {model} holds no LoRA adapter (adapter_config.json); nothing to merge")
@@ -181,7 +172,7 @@ def _export_gguf(cfg, model: str, out: str, quantization: str) -> int:
     from sftlab.export.gguf import export_gguf, plan_export
     from sftlab.export.modelfile import write_modelfile
     from sftlab.models.load import load_model, load_tokenizer
-    from sftlab.workflow import resolve_template
+    from sftlab.data.templates import resolve_template
 
     plan = plan_export(model, out, quantization, cfg.model.cache_dir)
     m, _ = load_model(cfg.model, None, for_training=False, bf16=False)
@@ -291,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftlab: unknown command '{cmd}'" + (f"; did you mean '{close[0]}'?" if close else ""), file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    _quiet_libraries()
+    prepare_process()
     try:
         return COMMANDS[cmd](argv)
     except SftlabError as e:

@@ -32,3 +32,9 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str | None
 def write_atomically(path: str | os.PathLike, text: str) -> None:
     with atomic_writer(path) as fh:
         fh.write(text)
+
+
+def default_cache_dir() -> Path:
+    """Where sftlab keeps what it builds once: the converted bundled model, tokenized data, native kernels
+    (``$SFTLAB_CACHE``, else ~/.cache/sftlab)."""
+    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))

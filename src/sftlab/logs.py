@@ -51,6 +51,15 @@ def set_verbose(on: bool) -> None:
 
 
 
+def prepare_process() -> None:
+    """What every entry point (the CLI, the probe's child process) does first: Hugging Face libraries stay offline
+    (nothing is downloaded at run time) and their noise is hidden."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_third_party()
+
+
 def quiet_third_party() -> None:
     """Deprecation notices and warnings that libraries address to their own users (transformers, peft, accelerate,
     torch), not to sftlab's, are not shown; sftlab's own warnings and everything else still are."""

@@ -53,7 +53,8 @@ def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> 
 
 def preview(cfg: Config, n: int = 3, fmt: str = "text", out: TextIO = sys.stdout) -> None:
     from sftlab.models.load import load_tokenizer, resolve_model_path
-    from sftlab.workflow import encode_settings, resolve_template
+    from sftlab.data.templates import resolve_template
+    from sftlab.data.splits import encode_settings
     from sftlab.errors import ConfigError
 
     if not cfg.data.train_file:

@@ -3,7 +3,7 @@
 `data_report(cfg)` reads the same configuration as `sftlab train` and streams once over every split's rows:
 each row is encoded as training encodes it (`data.stats`), checked against earlier training rows for exact and near
 duplicates (`data.duplicates`), and its kept length recorded. Then the cost of training on the kept examples is
-estimated (`train.estimate`) and, unless skipped, measured by a probe of a few real steps (`train.probe`).
+estimated (`train.estimate`) and, unless skipped, measured by a probe of a few real steps (`sftlab.probe`).
 The result is a `Report`: `to_dict()` is JSON (every number), `write_report` writes data_report.md, .json and the
 figures, `summary_lines` is the short printed version. The estimate is also recorded in the run's output_dir
 (`sftlab_estimate.json`) so the model card of the real run can say how close it was.
@@ -180,7 +180,8 @@ def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, pr
     files to `out_dir`/dedup; `probe` runs a few real training steps to measure time and peak memory."""
     from sftlab.data.tokenize import check_template_tokens
     from sftlab.models.load import load_tokenizer, resolve_model_path
-    from sftlab.workflow import encode_settings, resolve_template
+    from sftlab.data.templates import resolve_template
+    from sftlab.data.splits import encode_settings
 
     d = cfg.data
     if not d.train_file:
@@ -248,7 +249,7 @@ def _write_dedup(train_files: list[str], removal: dict[str, dict[int, str]], out
 
 # ---- the probe ----------------------------------------------------------------------------------------------------
 def run_probe(cfg: Config, rows: _ProbeRows) -> dict[str, Any] | None:
-    """Run `sftlab.train.probe` in a child process on the probe rows; per-step seconds and tokens, peak RSS."""
+    """Run `sftlab.probe` in a child process on the probe rows; per-step seconds and tokens, peak RSS."""
     items = rows.rows()
     per_step = rows.per_step
     steps = min(PROBE_STEPS, max(len(items) // per_step, 1))
@@ -270,7 +271,7 @@ def run_probe(cfg: Config, rows: _ProbeRows) -> dict[str, Any] | None:
         argv = [str(conf)] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).parent.parent),
                                                                        os.environ.get("PYTHONPATH", "")] if p))
-        proc = subprocess.Popen([sys.executable, "-m", "sftlab.train.probe", str(out), *argv], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "sftlab.probe", str(out), *argv], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output, _ = proc.communicate()
         if proc.returncode != 0 or not out.is_file():

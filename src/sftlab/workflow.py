@@ -12,7 +12,7 @@ from typing import Any
 from sftlab.config import Config, save_config, training_amp
 from sftlab.data.dataset import prediction_items
 from sftlab.data.splits import ListDataset, Splits, build_splits, encode_settings  # noqa: F401 (re-exported)
-from sftlab.data.templates import Template, load_saved_template, load_template, save_template
+from sftlab.data.templates import Template, resolve_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError
 from sftlab.logs import log, quiet_third_party
@@ -60,23 +60,6 @@ def check_writable(output_dir: str) -> None:
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------
-def resolve_template(cfg: Config, tokenizer, model_path: str | None) -> Template:
-    """The template asked for; else the one saved with the model (an sftlab output); else the tokenizer's own."""
-    d = cfg.data
-    asked = d.template is not None or d.user_prefix is not None or d.assistant_prefix is not None
-    if not asked:
-        for candidate in (cfg.model.adapter_name_or_path, cfg.model.model_name_or_path, model_path):
-            if candidate and os.path.isdir(candidate):
-                saved = load_saved_template(candidate, tokenizer)
-                if saved is not None:
-                    if d.system is not None:
-                        saved.default_system = d.system
-                    if "tool_format" in cfg.explicit:
-                        saved.tool_format = d.tool_format
-                    return saved
-    return load_template(d.template, tokenizer, data_args=d)
-
-
 def speed_up_for_cpu(model, cfg: Config):
     """sftlab.accel's speed paths on CPU (same results); returns the batch hook for the trainer, or None."""
     if cfg.training.device.type != "cpu":
@@ -241,7 +224,7 @@ def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Split
 def fit(run: Run) -> dict[str, Any]:
     """Train (resuming where a checkpoint says), save the final model; train metrics with token rates."""
     from sftlab.train.checkpoint import save_final_model
-    from sftlab.train.probe import peak_rss_bytes
+    from sftlab.train.trainer import peak_rss_bytes
 
     trainer, t = run.trainer, run.cfg.training
     if run.resume:

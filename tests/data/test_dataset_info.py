@@ -14,7 +14,7 @@ from sftlab.data.dataset import tokenize_files
 from sftlab.data.templates import load_template
 from sftlab.data.tools import tools_block
 from sftlab.errors import DataError
-from sftlab.workflow import encode_settings
+from sftlab.data.splits import encode_settings
 from tests.data.test_tools import trained_runs
 
 ASSETS = Path(__file__).parent.parent / "assets" / "llamafactory" / "data"

@@ -58,7 +58,7 @@ def sftlab_greedy(model_dir: str, conversations, max_new: int):
     """sftlab predict's generation: merged model, encode_prompt ids, generate_batched, template stop ids."""
     from sftlab.eval.generate import generate_batched
     from sftlab.models.load import load_model, load_tokenizer
-    from sftlab.workflow import resolve_template
+    from sftlab.data.templates import resolve_template
     from sftlab.config import parse_config
 
     cfg = parse_config(["--model_name_or_path", model_dir])
@@ -100,7 +100,7 @@ def test_llama_cpp_builds_the_training_prompt_and_generates_the_same_tokens(name
     from sftlab.data.templates import save_template
     from sftlab.config import parse_config
     from sftlab.models.load import load_tokenizer
-    from sftlab.workflow import resolve_template
+    from sftlab.data.templates import resolve_template
 
     # The model directory carries the template it "was trained with", as an sftlab output does.
     model_dir = tmp_path / "m"

@@ -8,10 +8,10 @@ import re
 import pytest
 
 from sftlab.errors import ConfigError, DataError
+from sftlab.data.formats import default_fmt_content
 from sftlab.rqa.documents import (
     Document,
     chunk_text,
-    default_fmt_content,
     documents_hash,
     load_documents,
 )

@@ -235,21 +235,3 @@ def test_frozen_head_cast_is_kept_only_while_the_weight_is_frozen_and_unchanged(
     assert loss_module._frozen_casts  # w's cast is held ...
     del w, a, b
     assert not loss_module._frozen_casts  # ... until w itself is gone
-
-
-def test_pad_flat_batch_appends_one_unlabelled_segment():
-    from sftlab.data.collator import pad_flat_batch
-
-    feats = _features((3, 5, 2))  # 10 tokens
-    batch = SFTCollator(0, mask_mode="flatten")(feats)
-    padded = pad_flat_batch(batch, 8, pad_token_id=7)
-    assert padded["input_ids"].shape == (1, 16)
-    assert padded["input_ids"][0, 10:].tolist() == [7] * 6
-    assert torch.equal(padded["input_ids"][:, :10], batch["input_ids"])
-    assert padded["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5]
-    assert padded["labels"][0, 10:].tolist() == [-100] * 6
-    assert padded["shift_labels"][0, 10:].tolist() == [-100] * 6
-    assert padded["cu_seq_lens_q"].tolist() == [0, 3, 8, 10, 16] == padded["cu_seq_lens_k"].tolist()
-    assert padded["max_length_q"] == padded["max_length_k"] == 6
-    assert pad_flat_batch(padded, 8) is padded  # already a multiple
-    assert pad_flat_batch(batch, 0) is batch and pad_flat_batch(batch, 1) is batch

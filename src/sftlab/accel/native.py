@@ -68,7 +68,7 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    from sftlab.models.bundled import default_cache_dir
+    from sftlab.files import default_cache_dir
 
     return default_cache_dir() / "native"
 

@@ -24,7 +24,8 @@ from sftlab.data import formats as F
 from sftlab.data.batched import count_trained, encode_stream
 from sftlab.data.loader import Row, iter_rows, read_rows
 from sftlab.data.store import EXAMPLES_FILE, ExampleWriter, TokenizedExamples
-from sftlab.data.templates import Message, Template
+from sftlab.data.messages import Message
+from sftlab.data.templates import Template
 from sftlab.data.tools import assistant_text, call_dicts
 from sftlab.data.tokenize import (
     IGNORE_INDEX,
@@ -180,7 +181,7 @@ def _files_digest(files: list[str]) -> list[str]:
 
 
 def default_data_cache() -> Path:
-    from sftlab.models.bundled import default_cache_dir
+    from sftlab.files import default_cache_dir
 
     return default_cache_dir() / "data"
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sftlab.data.loader import Row
-from sftlab.data.templates import Message, ToolCall, conversation_problem
+from sftlab.data.messages import Message, ToolCall
+from sftlab.data.templates import conversation_problem
 from sftlab.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "rqa")
@@ -426,10 +427,20 @@ CONTEXT_DOCS_KEY = "sftlab_context_docs"
 
 
 def default_fmt_content(page_content: str, metadata: dict | None) -> str:
-    """LocalRQA's passage layout when a document has no fmt_content (one rule, kept in rqa.documents)."""
-    from sftlab.rqa.documents import default_fmt_content as rule
+    """The passage text the generator sees: source and title (when known) above the content.
 
-    return rule(page_content, metadata)
+    Matches LocalRQA's default formatter: `Source: ...` / `Title: ...` lines appear only for keys that are
+    present, then `Content:` and the page content, with surrounding whitespace stripped.
+    """
+    metadata = metadata or {}
+    parts = []
+    if "source" in metadata:
+        parts.append(f"Source: {metadata['source']}\n")
+    if "title" in metadata:
+        parts.append(f"Title: {metadata['title']}\n")
+    parts.append("Content:\n")
+    parts.append(page_content)
+    return "".join(parts).strip()
 
 
 def format_passage(doc: Any) -> str:
@@ -437,7 +448,7 @@ def format_passage(doc: Any) -> str:
     if isinstance(doc, dict):
         fmt = doc.get("fmt_content")
         page, meta = doc.get("page_content", doc.get("text", "")), doc.get("metadata") or {}
-    else:  # sftlab.rqa.documents.Document or anything with the same attributes
+    else:  # sftlab.rqa.schema.Document or anything with the same attributes
         fmt = getattr(doc, "fmt_content", None)
         page, meta = getattr(doc, "page_content", ""), getattr(doc, "metadata", {}) or {}
     if isinstance(fmt, str) and fmt.strip():

@@ -26,30 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftlab.data.messages import Message, ToolCall
 from sftlab.errors import ConfigError, DataError
 
 TEMPLATE_FILE = "sftlab_template.json"
 ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One function call an assistant turn makes: the function's name and its arguments (a JSON object)."""
-
-    name: str
-    arguments: dict
-    id: str | None = None
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str  # system, user, assistant or tool
-    content: str
-    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns that call functions
-    tool_call_id: str | None = None  # tool turns: the call answered
-    name: str | None = None  # tool turns: the function that answered
-    reasoning: str | None = None  # assistant turns: the thinking before the answer
-    train: bool | None = None  # per-message override of train_on (loss_weight / train fields)
 
 
 @dataclass
@@ -530,3 +511,22 @@ def load_saved_template(model_dir: str | Path, tokenizer) -> Template | None:
     except json.JSONDecodeError as e:
         raise DataError(f"cannot parse saved template: {e}", file=str(path), line=e.lineno) from None
     return _finalize(Template.from_dict(d), tokenizer)
+
+
+def resolve_template(cfg, tokenizer, model_path: str | None) -> Template:
+    """The template a run uses: the one asked for (--template, prefix flags); else the one saved with the model
+    (an sftlab output dir); else the tokenizer's own. Every command that renders conversations starts here.
+    ``cfg``: an `sftlab.config.Config` (not imported here: the configuration builds on this layer)."""
+    d = cfg.data
+    asked = d.template is not None or d.user_prefix is not None or d.assistant_prefix is not None
+    if not asked:
+        for candidate in (cfg.model.adapter_name_or_path, cfg.model.model_name_or_path, model_path):
+            if candidate and Path(candidate).is_dir():
+                saved = load_saved_template(candidate, tokenizer)
+                if saved is not None:
+                    if d.system is not None:
+                        saved.default_system = d.system
+                    if "tool_format" in cfg.explicit:
+                        saved.tool_format = d.tool_format
+                    return saved
+    return load_template(d.template, tokenizer, data_args=d)

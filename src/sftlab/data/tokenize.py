@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from sftlab.data.templates import Message, Rendered, Template, answer_spans
+from sftlab.data.messages import Message
+from sftlab.data.templates import Rendered, Template, answer_spans
 from sftlab.errors import ConfigError, DataError
 from sftlab.logs import log
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from sftlab.data.templates import Message, ToolCall
+from sftlab.data.messages import Message, ToolCall
 
 TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import re
 
-from sftlab.data.templates import Message, Template
+from sftlab.data.messages import Message
+from sftlab.data.templates import Template
 from sftlab.data.tokenize import _prompt_ids_and_end
 from sftlab.errors import ConfigError
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from sftlab.data.templates import Template
 from sftlab.errors import ConfigError
+from sftlab.models.bundled import TEMPLATE_KEY, read_sftlab_template
 
 __all__ = ["ARCHITECTURES", "QUANTIZATIONS", "GGUFPlan", "export_gguf", "plan_export", "read_sftlab_template"]
 
-TEMPLATE_KEY = "sftlab.template"  # sftlab's template JSON, for an exact reload by `sftlab chat/predict FILE.gguf`
 
 # Hugging Face architecture -> GGUF architecture. Mistral is a Llama in GGUF (llama.cpp ignores its sliding window).
 ARCHITECTURES = {
@@ -369,55 +369,3 @@ def _quantize(src: Path, dst: Path, quantization: str) -> None:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ConfigError(f"llama.cpp's quantizer failed ({rc}) making {quantization} from {src}")
-
-
-# ---- reading back ------------------------------------------------------------------------------------------------
-def read_sftlab_template(gguf_file: str | os.PathLike) -> dict[str, Any] | None:
-    """The sftlab template stored in a GGUF by this export, or None for GGUF files from elsewhere.
-
-    Reads the metadata in order and stops at the key (written before the vocabulary), skipping arrays by their
-    sizes: gguf.GGUFReader would first decode the whole vocabulary, a minute on a busy CPU."""
-    import struct
-
-    import gguf
-
-    with open(gguf_file, "rb") as f:
-        magic, _version, _n_tensors, n_kv = struct.unpack("<IIQQ", f.read(24))
-        if magic != gguf.GGUF_MAGIC:
-            raise ConfigError(f"{gguf_file}: not a GGUF file")
-        for _ in range(n_kv):
-            key = _read_str(f)
-            (vtype,) = struct.unpack("<I", f.read(4))
-            if key == TEMPLATE_KEY and vtype == gguf.GGUFValueType.STRING:
-                return json.loads(_read_str(f))
-            _skip_value(f, vtype)
-    return None
-
-
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
-
-
-def _read_str(f) -> str:
-    import struct
-
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode("utf-8")
-
-
-def _skip_value(f, vtype: int) -> None:
-    import struct
-
-    import gguf
-
-    if vtype == gguf.GGUFValueType.STRING:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(n, 1)
-    elif vtype == gguf.GGUFValueType.ARRAY:
-        item, count = struct.unpack("<IQ", f.read(12))
-        if item in _SCALAR_SIZES:
-            f.seek(count * _SCALAR_SIZES[item], 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, item)
-    else:
-        f.seek(_SCALAR_SIZES[vtype], 1)

@@ -10,19 +10,18 @@ sftlab template it was trained with (sftlab_template.json beside the converted m
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sftlab.errors import ConfigError
+from sftlab.files import default_cache_dir
 
 BUNDLED_NAMES = {"smollm2-135m-instruct", "smollm2", "bundled"}
 _DONE_MARKER = "sftlab_converted.txt"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
 
 
 def bundled_gguf_path() -> Path:
@@ -76,10 +75,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, tokenizer_only: bool = False) -
 def _save_sftlab_template(gguf_file: Path, out_dir: Path) -> None:
     """A GGUF exported by sftlab carries the template it was trained with; later commands find it beside the
     converted model, as they do beside any sftlab output."""
-    import json
-
     from sftlab.data.templates import TEMPLATE_FILE
-    from sftlab.export.gguf import read_sftlab_template
 
     saved = read_sftlab_template(gguf_file)
     if saved is not None:
@@ -99,3 +95,58 @@ def bundled_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if (full / _DONE_MARKER).exists():
         return full
     return convert_gguf(bundled_gguf_path(), root / "smollm2-135m-instruct-tokenizer", tokenizer_only=True)
+
+
+# ---- the sftlab template inside a GGUF (written by sftlab.export.gguf) ----------------------------------------
+TEMPLATE_KEY = "sftlab.template"  # sftlab's template JSON, for an exact reload by `sftlab chat/predict FILE.gguf`
+
+
+def read_sftlab_template(gguf_file: str | os.PathLike) -> dict[str, Any] | None:
+    """The sftlab template stored in a GGUF by this export, or None for GGUF files from elsewhere.
+
+    Reads the metadata in order and stops at the key (written before the vocabulary), skipping arrays by their
+    sizes: gguf.GGUFReader would first decode the whole vocabulary, a minute on a busy CPU."""
+    import struct
+
+    import gguf
+
+    with open(gguf_file, "rb") as f:
+        magic, _version, _n_tensors, n_kv = struct.unpack("<IIQQ", f.read(24))
+        if magic != gguf.GGUF_MAGIC:
+            raise ConfigError(f"{gguf_file}: not a GGUF file")
+        for _ in range(n_kv):
+            key = _read_str(f)
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if key == TEMPLATE_KEY and vtype == gguf.GGUFValueType.STRING:
+                return json.loads(_read_str(f))
+            _skip_value(f, vtype)
+    return None
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+
+
+def _read_str(f) -> str:
+    import struct
+
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8")
+
+
+def _skip_value(f, vtype: int) -> None:
+    import struct
+
+    import gguf
+
+    if vtype == gguf.GGUFValueType.STRING:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, 1)
+    elif vtype == gguf.GGUFValueType.ARRAY:
+        item, count = struct.unpack("<IQ", f.read(12))
+        if item in _SCALAR_SIZES:
+            f.seek(count * _SCALAR_SIZES[item], 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    else:
+        f.seek(_SCALAR_SIZES[vtype], 1)

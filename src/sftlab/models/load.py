@@ -10,7 +10,8 @@ from pathlib import Path
 from sftlab.config import FinetuningArguments, ModelArguments
 from sftlab.errors import ConfigError
 from sftlab.logs import log
-from sftlab.models.bundled import BUNDLED_NAMES, bundled_model_dir, convert_gguf, default_cache_dir
+from sftlab.files import default_cache_dir
+from sftlab.models.bundled import BUNDLED_NAMES, bundled_model_dir, convert_gguf
 
 
 def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None) -> str:

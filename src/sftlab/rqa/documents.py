@@ -1,4 +1,4 @@
-"""Document collections for retrieval: one small record type and a loader for the three on-disk kinds.
+"""Document collections for retrieval: a loader for the three on-disk kinds of `Document` records (rqa.schema).
 
 Kinds accepted by `load_documents`:
   * JSONL of records: `page_content` (or `text`) + optional `fmt_content` + `metadata` (`source`, `title`, ...);
@@ -11,62 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from sftlab.errors import ConfigError, DataError
+from sftlab.rqa.schema import Document
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-
-
-def default_fmt_content(page_content: str, metadata: dict | None) -> str:
-    """The passage text the generator sees: source and title (when known) above the content.
-
-    Matches LocalRQA's default formatter: `Source: ...` / `Title: ...` lines appear only for keys that are
-    present, then `Content:` and the page content, with surrounding whitespace stripped.
-    """
-    metadata = metadata or {}
-    parts = []
-    if "source" in metadata:
-        parts.append(f"Source: {metadata['source']}\n")
-    if "title" in metadata:
-        parts.append(f"Title: {metadata['title']}\n")
-    parts.append("Content:\n")
-    parts.append(page_content)
-    return "".join(parts).strip()
-
-
-@dataclass
-class Document:
-    """One retrievable passage. `fmt_content` is filled from the content and metadata when left empty."""
-
-    page_content: str
-    fmt_content: str = ""
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.fmt_content:
-            self.fmt_content = default_fmt_content(self.page_content, self.metadata)
-
-    @property
-    def source(self) -> str | None:
-        value = self.metadata.get("source")
-        return None if value is None else str(value)
-
-    @property
-    def title(self) -> str | None:
-        value = self.metadata.get("title")
-        return None if value is None else str(value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"page_content": self.page_content, "fmt_content": self.fmt_content, "metadata": self.metadata}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Document":
-        """Build from an rqa-style dict (e.g. an entry of a row's `gold_docs`); `text` stands in for page_content."""
-        content = d.get("page_content", d.get("text"))
-        return cls(page_content=str(content), fmt_content=d.get("fmt_content") or "", metadata=dict(d.get("metadata") or {}))
 
 
 def as_document(obj: Document | dict) -> Document:

@@ -129,7 +129,7 @@ def retrieved_context_files(files: Sequence[str], split: str, cfg, retriever) ->
     Written to <output_dir>/rqa_context/, one row per line at the row's original line number, so a DataError
     raised later names the same line. Rows are validated first, so mistakes name the original file.
     """
-    from sftlab.workflow import encode_settings
+    from sftlab.data.splits import encode_settings
 
     opts = encode_settings(cfg).options
     k, seed = cfg.rqa.retrieval_top_k, cfg.training.seed
@@ -214,7 +214,7 @@ class E2EEvaluator:
 
     def __init__(self, cfg, tokenizer, template, retriever):
         from sftlab.data.tokenize import multi_token_stop_strings, stop_token_ids
-        from sftlab.workflow import encode_settings
+        from sftlab.data.splits import encode_settings
 
         self.cfg, self.tokenizer, self.template, self.retriever = cfg, tokenizer, template, retriever
         self.k = cfg.rqa.retrieval_top_k

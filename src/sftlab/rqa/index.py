@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import sftlab
 from sftlab.errors import ConfigError, DataError
-from sftlab.rqa.documents import Document, documents_hash, load_documents, write_documents_jsonl
+from sftlab.rqa.documents import documents_hash, load_documents, write_documents_jsonl
+from sftlab.rqa.schema import Document
 from sftlab.rqa.embed import Embedder
 
 INDEX_FILE = "index.faiss"

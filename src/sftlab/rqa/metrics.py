@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from sftlab.rqa.documents import Document, as_document
+from sftlab.rqa.documents import as_document
+from sftlab.rqa.schema import Document
 
 _WS = re.compile(r"\s+")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.errors import DataError
-from sftlab.rqa.documents import Document
+from sftlab.rqa.schema import Document
 
 # Class paths under which Document objects have been pickled by LocalRQA and langchain versions.
 DOCUMENT_CLASS_PATHS = frozenset(

@@ -10,7 +10,7 @@
   tokenized data set + the process itself (measured: the interpreter with torch, transformers and the tokenizer).
   The per-token activation constants are derived from what a decoder layer keeps for backward (see
   `_activation_bytes_per_token`).
-* Time: from a measured probe (`sftlab.train.probe`): a few real optimizer steps in a child process, the first on
+* Time: from a measured probe (`sftlab.probe`): a few real optimizer steps in a child process, the first on
   the longest examples (it also gives the measured peak memory), the rest on random ones (they give seconds per
   token).
 """
@@ -226,7 +226,7 @@ class CostEstimate:
     plan: BatchPlan
     memory: MemoryEstimate | None
     memory_note: str = ""
-    probe: dict | None = None  # sftlab.train.probe's measurements
+    probe: dict | None = None  # sftlab.probe's measurements
     train_seconds: float | None = None  # estimated train_runtime (the Trainer's), from the probe
     notes: list[str] = field(default_factory=list)
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import resource
 from typing import Callable
 
 import torch
@@ -22,6 +23,11 @@ from sftlab.train.loss import compute_sft_loss
 
 
 REAL_TOKENS_KEY = "sftlab_real_tokens"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def real_token_count(inputs: dict) -> int:

@@ -11,7 +11,8 @@ from typing import Iterator
 
 from sftlab.chat import generate_reply, load_for_chat
 from sftlab.config import parse_config
-from sftlab.data.templates import Message, load_saved_template
+from sftlab.data.messages import Message
+from sftlab.data.templates import load_saved_template
 from sftlab.data.tokenize import encode_prompt, stop_token_ids
 
 _DONE = object()

@@ -209,7 +209,8 @@ def data_summary(cfg) -> list[str]:
         return list(report.summary_lines()) if hasattr(report, "summary_lines") else [str(report)]
     from sftlab.data.dataset import tokenize_files
     from sftlab.models.load import load_tokenizer, resolve_model_path
-    from sftlab.workflow import encode_settings, resolve_template
+    from sftlab.data.templates import resolve_template
+    from sftlab.data.splits import encode_settings
 
     d = cfg.data
     path = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)

@@ -1,4 +1,4 @@
-"""A short measured training run for the cost estimate: `python -m sftlab.train.probe OUT.json CONFIG [--key value]`.
+"""A short measured training run for the cost estimate: `python -m sftlab.probe OUT.json CONFIG [--key value]`.
 
 It runs `sftlab train`'s workflow unchanged on the given configuration (the caller points it at a small probe file
 and a few `max_steps`) and writes, to OUT.json, each optimizer step's wall seconds and the process's peak resident
@@ -7,7 +7,6 @@ memory. A child process of its own, so the peak is the training's alone."""
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -26,18 +25,14 @@ class StepTimer(TrainerCallback):
         self.steps.append(time.perf_counter() - self._t0)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def main(argv: list[str]) -> int:
-    from sftlab.cli import _quiet_libraries
     from sftlab.config import parse_config
+    from sftlab.logs import prepare_process
+    from sftlab.train.trainer import peak_rss_bytes
     from sftlab.workflow import run_sft
 
     out, rest = argv[0], argv[1:]
-    _quiet_libraries()
+    prepare_process()
     cfg = parse_config(rest)
     cfg.training.do_train = True
     timer = StepTimer()
