@@ -226,7 +226,7 @@ def repeated_cache_entry(src_data: Path, big_data: Path, times: int, cache: Path
     from sftlab.data.splits import encode_settings
     from sftlab.data.store import ExampleWriter
     from sftlab.models.load import load_tokenizer
-    from sftlab.workflow import resolve_template
+    from sftlab.data.templates import resolve_template
 
     cfg = _run_config(str(src_data), model_dir, str(cache), str(cache / "unused"))
     tok = load_tokenizer(model_dir)
