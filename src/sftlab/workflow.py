@@ -124,7 +124,7 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     t = cfg.training
     tokenizer, template = load_tokenizer_and_template(cfg)
     retriever = open_retriever(cfg, tokenizer)
-    data = build_splits(cfg, tokenizer, template, retriever)
+    data = build_splits(cfg, tokenizer, template, retrieval_step(cfg, retriever))
     predict_items = load_prediction_items(cfg, tokenizer, template, retriever) if t.do_predict else None
     resume = find_resume_checkpoint(t.output_dir, t.resume_from_checkpoint, cfg.finetuning.overwrite_output_dir
                                     or getattr(t, "overwrite_output_dir", False)) if t.do_train else None
@@ -172,6 +172,15 @@ def open_retriever(cfg: Config, tokenizer):
     from sftlab.rqa.e2e import open_rqa_retriever
 
     return open_rqa_retriever(cfg, tokenizer)
+
+
+def retrieval_step(cfg: Config, retriever):
+    """With ``rqa_context: retrieved``, the step that gives each training / eval row its retrieved passages."""
+    if cfg.data.rqa_context != "retrieved":
+        return None
+    from sftlab.rqa.e2e import retrieved_context_files
+
+    return lambda files, split: retrieved_context_files(files, split, cfg, retriever)
 
 
 def load_prediction_items(cfg: Config, tokenizer, template: Template, retriever=None) -> list:

@@ -4,7 +4,7 @@ The per-row reference is `dataset.encode_row`. Here a batch of rows is rendered 
 per process, and
 rendered once per conversation shape: sftlab.data.shapes), the full texts and the generation prompts are tokenized by the fast tokenizer's batch call (offsets
 included), and each row is then labelled and fitted to cutoff_len by the same functions the reference uses
-(`tokenize.label_tokens`, `dataset.fit_encoded`), so the examples are the same token for token (tested in
+(`tokenize.label_tokens`, `fitting.fit_encoded`), so the examples are the same token for token (tested in
 tests/data/test_batched.py). Rows longer than cutoff_len under keep_answer are re-encoded by the reference, as
 they drop context one exchange at a time.
 
@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from sftlab.data import formats as F
+from sftlab.data.fitting import fit_encoded, naming_row
 from sftlab.data.loader import Row
 from sftlab.data.templates import Template
 from sftlab.data.tokenize import IGNORE_INDEX, Encoded, _PROBE, label_tokens, prepare_messages, prompt_cut
@@ -66,8 +67,6 @@ def tokenize_batch(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tu
 def encode_batch(pairs: list[tuple[str, Row]], tokenizer, template: Template,
                  settings) -> list[tuple[Encoded | None, str | None]]:
     """Each (format, row) -> (example, None) or (None, reason dropped): the same results as `encode_row`."""
-    from sftlab.data.dataset import fit_encoded, naming_row
-
     texts: list[str] = []
     prompts: list[str] = []
     plans: list[tuple] = []  # (fmt, row, Prepared or None, index into prompts or -1)

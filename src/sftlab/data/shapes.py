@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+from sftlab.data.jinja import compiled_jinja
 from sftlab.errors import DataError
 
 # Placeholders that cannot occur in a template's own text: private-use code points around the content's index.
@@ -32,9 +33,7 @@ def prints_content_only(source: str) -> bool:
     """Whether the template uses message contents only by printing them (so contents can be substituted)."""
     from jinja2 import nodes
 
-    from sftlab.data.templates import _compiled_jinja
-
-    tree = _compiled_jinja(source).environment.parse(source)
+    tree = compiled_jinja(source).environment.parse(source)
     if _OPEN in source or _CLOSE in source:
         return False
 

@@ -10,9 +10,9 @@ run then find the cache entry and map the same file.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from sftlab.config import Config
 from sftlab.data.dataset import DataSummary, EncodeSettings, split_indices, tokenize_files
 from sftlab.data.formats import FileFormat, FormatOptions
 from sftlab.data.store import PackedExamples, Subset, example_lengths
@@ -29,7 +29,7 @@ class Splits:
     summaries: list[DataSummary] = field(default_factory=list)
 
 
-def encode_settings(cfg: Config) -> EncodeSettings:
+def encode_settings(cfg) -> EncodeSettings:
     d = cfg.data
     return EncodeSettings(
         train_on=d.train_on, cutoff_len=d.cutoff_len, truncation=d.truncation, dataset_format=d.dataset_format,
@@ -40,26 +40,25 @@ def encode_settings(cfg: Config) -> EncodeSettings:
     )
 
 
-def build_splits(cfg: Config, tokenizer, template: Template, retriever=None) -> Splits:
-    """The run's splits: tokenized (main process first), val_size split off, packed when asked."""
+def build_splits(cfg, tokenizer, template: Template, rewrite_files=None) -> Splits:
+    """The run's splits: tokenized (main process first), val_size split off, packed when asked. ``cfg`` is the run's
+    `sftlab.config.Config` (not imported: the config sits above the data layer).
+
+    ``rewrite_files(files, split) -> files``: a step that rewrites the rows before tokenization (the retrieval step
+    of ``rqa_context: retrieved``, given by the workflow, which owns the retriever)."""
     d, t = cfg.data, cfg.training
     s = encode_settings(cfg)
     out = Splits()
 
     def tokenized(files: list[str], split: str):
-        if d.rqa_context == "retrieved":
-            from sftlab.rqa.e2e import retrieved_context_files
-
-            files = retrieved_context_files(files, split, cfg, retriever)
+        if rewrite_files is not None:
+            files = rewrite_files(files, split)
         ex, summary = tokenize_files(files, split, tokenizer, template, s, max_samples=d.max_samples,
                                      num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
                                      overwrite_cache=d.overwrite_cache)
         out.summaries.append(summary)
         log.info(summary.line())
         return ex
-
-    # Rank 0 tokenizes and fills the cache; the other ranks then map it (each machine tokenizes once at most).
-    from sftlab.train.distributed import once_per_machine
 
     with once_per_machine(t, desc="tokenize"):
         if t.do_train and d.train_file:
@@ -103,3 +102,14 @@ class ListDataset:
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
+
+
+@contextmanager
+def once_per_machine(args, desc: str):
+    """Run the block on global rank 0 first, then on each other machine's first local rank, then everywhere else.
+
+    For work that fills a cache (tokenization): with a cache on a filesystem every node sees, rank 0 fills it and
+    every other rank reads it; with node-local caches each machine does the work once, not once per rank (the other
+    ranks then map the same file). Two nested ``main_process_first`` blocks; every rank passes the same barriers."""
+    with args.main_process_first(local=False, desc=desc), args.main_process_first(local=True, desc=desc):
+        yield

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
@@ -140,17 +139,6 @@ def die_with_launcher() -> bool:
     if os.getppid() == 1:  # the launcher was already gone before the signal was set
         os.kill(os.getpid(), signal.SIGKILL)
     return True
-
-
-@contextmanager
-def once_per_machine(args, desc: str):
-    """Run the block on global rank 0 first, then on each other machine's first local rank, then everywhere else.
-
-    For work that fills a cache (tokenization): with a cache on a filesystem every node sees, rank 0 fills it and
-    every other rank reads it; with node-local caches each machine does the work once, not once per rank. (Two
-    nested ``main_process_first`` blocks; every rank passes the same two barriers.)"""
-    with args.main_process_first(local=False, desc=desc), args.main_process_first(local=True, desc=desc):
-        yield
 
 
 def init_deepspeed_comm(args) -> bool:
