@@ -38,8 +38,14 @@ import torch.nn.functional as F
 from sftlab.accel import native
 
 VARLEN_ATTENTION = "sftlab_varlen"
+# Where torch's own kernels run (no native kernel built): the length below which their fp32 backward beats the bf16
+# one. Measured on a 2-core Intel Xeon (Sapphire Rapids, AMX), torch 2.13, 9 / 3 heads x 64 dims (the docstring's
+# table; benchmarks/README.md). Another CPU may cross over elsewhere; the results are the same either way (both
+# accumulate the softmax in fp32), only the time differs.
 FP32_BELOW = 448
 # Examples share one kernel call when at least GROUP_RATIO x the longest of their group, GROUP_MAX at most (_groups).
+# Measured on the same Xeon (benchmarks/README.md, "grouped"): 2 threads were 1.1-1.4x one thread on one example of
+# SFT length, two examples in one call 0.75x two calls; ratios 0.9 / 0.8 / 0.7 were within noise of each other.
 GROUP_RATIO = 0.8
 GROUP_MAX = 4
 _registered = False
