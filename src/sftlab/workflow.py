@@ -11,7 +11,7 @@ from typing import Any
 
 from sftlab.config import Config, save_config, training_amp
 from sftlab.data.dataset import prediction_items
-from sftlab.data.splits import ListDataset, Splits, build_splits, encode_settings  # noqa: F401 (re-exported)
+from sftlab.data.splits import ListDataset, Splits, build_splits, encode_settings
 from sftlab.data.templates import Template, resolve_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
 from sftlab.errors import ConfigError

@@ -92,7 +92,7 @@ def test_trainer_prefaults_once_from_the_first_pass_and_the_model_size(tmp_path,
     from sftlab.accel.attention import VARLEN_ATTENTION, register_varlen_attention
     from sftlab.accel.setup import BatchHook
     from sftlab.train.trainer import CountingCollator, SFTTrainer
-    from sftlab.workflow import ListDataset
+    from sftlab.data.splits import ListDataset
 
     calls = []
     monkeypatch.setattr(allocator, "prefault_heap", lambda n: calls.append(n) or 0)

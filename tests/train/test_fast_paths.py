@@ -188,7 +188,7 @@ def test_trainer_token_budget_gives_the_same_step(tmp_path):
     from transformers import TrainingArguments
 
     from sftlab.train.trainer import CountingCollator, SFTTrainer
-    from sftlab.workflow import ListDataset
+    from sftlab.data.splits import ListDataset
 
     register_varlen_attention()
     feats = _features()
