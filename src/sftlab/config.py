@@ -152,6 +152,11 @@ class DataArguments(_Checked):
         False,
         "Pack several examples into each row of up to cutoff_len tokens; attention stays inside each example.",
     )
+    streaming: bool = _f(
+        False,
+        "Read the training files lazily and tokenize in the dataloader workers (dataloader_num_workers) instead of "
+        "ahead, for corpora larger than memory or disk cache; needs max_steps. docs/STREAMING.md.",
+    )
     preprocessing_num_workers: int | None = _f(None, "Processes for tokenization (datasets.map num_proc).")
     data_cache_dir: str | None = _f(None, "Where tokenized data is cached (default ~/.cache/sftlab/data).")
     overwrite_cache: bool = _f(False, "Re-tokenize even if a cached copy exists.")
@@ -553,7 +558,24 @@ def build_config(raw: dict[str, Any]) -> Config:
 
     resolve_dataset_names(cfg.data)  # LLaMA-Factory dataset names -> files, via dataset_dir/dataset_info.json
     _default_phases(cfg)
+    check_streaming(cfg)
     return cfg
+
+
+def check_streaming(cfg: Config) -> None:
+    """``streaming: true`` and the options it cannot work with, refused when the configuration is parsed."""
+    d, t = cfg.data, cfg.training
+    if not d.streaming:
+        return
+    if t.do_train and (t.max_steps is None or t.max_steps <= 0):
+        raise ConfigError("streaming: true needs max_steps: a stream has no length, so num_train_epochs cannot say "
+                          "when training ends; give --max_steps N (optimizer steps)")
+    if d.val_size:
+        raise ConfigError("val_size cannot be split off a stream (its rows are not known ahead); with "
+                          "streaming: true give the evaluation rows as eval_file")
+    if d.rqa_context == "retrieved":
+        raise ConfigError("rqa_context: retrieved rewrites the data files before tokenization, which streaming "
+                          "does not do; use streaming: false")
 
 
 def _default_phases(cfg: Config) -> None:

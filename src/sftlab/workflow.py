@@ -128,7 +128,7 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     predict_items = load_prediction_items(cfg, tokenizer, template, retriever) if t.do_predict else None
     resume = find_resume_checkpoint(t.output_dir, t.resume_from_checkpoint, cfg.finetuning.overwrite_output_dir
                                     or getattr(t, "overwrite_output_dir", False)) if t.do_train else None
-    if t.do_train and data.train:
+    if t.do_train and data.train is not None and not cfg.data.streaming:  # a stream's size is not known ahead
         from sftlab.report import ensure_run_estimate
 
         ensure_run_estimate(cfg, data.train)  # what the model card compares this run with
@@ -213,15 +213,22 @@ def build_trainer(cfg: Config, model, tokenizer, template: Template, data: Split
         # steps from 48% to 6% on benchmarks/throughput.py's data. Padding-free batches have nothing to save.
         t.train_sampling_strategy = "group_by_length"
     collator = CountingCollator(SFTCollator(pad_token_id=tokenizer.pad_token_id, mask_mode=mask_mode))
+    streamed = cfg.data.streaming and data.train is not None
+    if streamed:
+        t.ignore_data_skip = True  # the stream resumes at its recorded position; Trainer must not replay batches
     trainer = SFTTrainer(
         model=model, args=t, data_collator=collator, processing_class=tokenizer,
-        train_dataset=ListDataset(data.train) if data.train is not None else None,
+        train_dataset=data.train if streamed else ListDataset(data.train) if data.train is not None else None,
         eval_dataset=ListDataset(data.eval) if data.eval is not None else None,
         callbacks=[GracefulStop(), *(callbacks or [])],
         loss_chunk_size=cfg.finetuning.loss_chunk_size, compute_accuracy=cfg.finetuning.compute_accuracy,
         max_tokens_per_forward=cfg.finetuning.max_tokens_per_forward, batch_hook=batch_hook,
         save_beside_checkpoint=lambda directory: save_run_files(cfg, template, directory),
     )
+    if streamed:
+        from sftlab.data.streaming import StreamTracker
+
+        trainer.stream_tracker = StreamTracker(data.train)
     wants_fsdp = bool(t.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if wants_fsdp and not getattr(trainer, "is_fsdp_enabled", False):
         # accelerate enables FSDP for GPU (and other accelerator) backends only; elsewhere it silently trains DDP.
@@ -238,6 +245,9 @@ def fit(run: Run) -> dict[str, Any]:
     trainer, t = run.trainer, run.cfg.training
     if run.resume:
         log.info(f"resuming from {run.resume} (pass --overwrite_output_dir true to start over)")
+        if trainer.stream_tracker is not None and not trainer.stream_tracker.restore(run.resume, t.process_index):
+            raise ConfigError(f"{run.resume} holds no stream position (it was not saved by a streaming run): "
+                              "resume it with streaming: false, or start over with --overwrite_output_dir true")
     result = trainer.train(resume_from_checkpoint=run.resume)
     save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
     tokens, trained = trainer.global_token_counts()

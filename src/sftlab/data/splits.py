@@ -61,7 +61,9 @@ def build_splits(cfg, tokenizer, template: Template, rewrite_files=None) -> Spli
         return ex
 
     with once_per_machine(t, desc="tokenize"):
-        if t.do_train and d.train_file:
+        if t.do_train and d.train_file and d.streaming:
+            out.train = streamed(cfg, tokenizer, template, s)
+        elif t.do_train and d.train_file:
             out.train = tokenized(d.train_file, "train")
             if d.val_size:
                 out.train, out.eval = split_examples(out.train, d.val_size, t.seed)
@@ -69,9 +71,24 @@ def build_splits(cfg, tokenizer, template: Template, rewrite_files=None) -> Spli
         if d.eval_file and (t.do_eval or t.do_train):
             out.eval = tokenized(d.eval_file, "eval")
     if d.packing:
-        out.train = pack(out.train, d.cutoff_len)
+        if not d.streaming:  # a stream packs on the fly
+            out.train = pack(out.train, d.cutoff_len)
         out.eval = pack(out.eval, d.cutoff_len)
     return out
+
+
+def streamed(cfg, tokenizer, template: Template, s: EncodeSettings):
+    """The training split of ``streaming: true``: read and tokenized in the dataloader workers, sharded by rank
+    and worker (sftlab.data.streaming). Each file's format is found here, so a missing file or an unknown format
+    fails before the model loads."""
+    from sftlab.data.streaming import StreamingExamples
+
+    d, t = cfg.data, cfg.training
+    stream = StreamingExamples(d.train_file, tokenizer, template, s, rank=t.process_index, world_size=t.world_size,
+                               packing=d.packing, max_samples=d.max_samples)
+    stream.check_files()
+    log.info(stream.describe())
+    return stream
 
 
 def split_examples(examples: Sequence, val_size: float, seed: int) -> tuple[Subset, Subset]:

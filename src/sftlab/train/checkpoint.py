@@ -118,6 +118,9 @@ def save_checkpoint_atomically(trainer, model, trial) -> None:
             trainer._save_optimizer_and_scheduler(staging)
             trainer._save_scaler(staging)
             trainer._save_rng_state(staging)
+        tracker = getattr(trainer, "stream_tracker", None)
+        if tracker is not None:  # every rank: where each of its stream shards continues (sftlab.data.streaming)
+            tracker.save(staging, args.process_index)
 
         if state.best_global_step:
             # The best checkpoint is this one (about to be renamed) or an earlier, complete one.

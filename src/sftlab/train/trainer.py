@@ -47,8 +47,14 @@ class CountingCollator:
         self.inner = inner
 
     def __call__(self, features: list[dict]) -> dict:
+        from sftlab.data.streaming import collate_stream_item
+
+        features, extra = collate_stream_item(features)  # a streamed batch's position, or a bad row's error
+        if not features:
+            return extra
         batch = self.inner(features)
         batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        batch.update(extra)
         return batch
 
 
@@ -67,6 +73,9 @@ class SFTTrainer(Trainer):
         die_with_launcher()  # a worker never outlives a killed torchrun / accelerate launch
         super().__init__(*args, **kwargs)
         self.save_beside_checkpoint = save_beside_checkpoint
+        # With a streamed training set (sftlab.data.streaming): raises the workers' data errors, keeps the stream
+        # position that each checkpoint records. Set by the workflow.
+        self.stream_tracker = None
         # sftlab's progress display and trainer_log.jsonl instead of Trainer's raw dicts
         self.remove_callback(PrinterCallback)
         self.add_callback(LogCallback(self.token_counts, self.args.output_dir))
@@ -102,6 +111,27 @@ class SFTTrainer(Trainer):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=lengths().tolist())
         return super()._get_train_sampler(train_dataset)
+
+    def get_train_dataloader(self):
+        """A streamed training set shards itself by (rank, worker): its DataLoader is not wrapped by accelerate
+        (which would shard it again, or read it on rank 0 only and broadcast)."""
+        if self.stream_tracker is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        a = self.args
+        workers = a.dataloader_num_workers
+        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                          num_workers=workers, pin_memory=a.dataloader_pin_memory,
+                          persistent_workers=a.dataloader_persistent_workers if workers else False,
+                          prefetch_factor=a.dataloader_prefetch_factor if workers else None,
+                          multiprocessing_context=a.dataloader_multiprocessing_context if workers else None)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.stream_tracker is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        observed = (self.stream_tracker.observe(batch) for batch in epoch_iterator)
+        return super().get_batch_samples(observed, num_batches, device)
 
     # ---- training --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
