@@ -104,3 +104,24 @@ def test_saved_config_reads_back_the_same(tmp_path):
     again = config_from(str(path), {})
     assert again.data.train_on == "last_turn" and again.finetuning.lora_rank == 4
     assert yaml.safe_load(path.read_text())["data"]["train_file"] == ["a.jsonl"]
+
+
+def test_help_lists_the_choices_of_choice_options(capsys):
+    from sftlab.cli import main
+    from sftlab.config import help_text
+
+    text = help_text()
+    # Literal-typed fields (sftlab's groups) and enum-typed ones (TrainingArguments), written out independently.
+    for line in ("--train_on {completion,last_turn,all} (default: 'completion')",
+                 "--truncation {keep_answer,drop,error} (default: 'keep_answer')",
+                 "--rqa_context {gold,retrieved} (default: 'gold')",
+                 "--finetuning_type {lora,full,freeze} (default: 'lora')",
+                 "--eval_strategy {no,steps,epoch} (default: 'no')"):
+        assert line in text, line
+    assert "--cutoff_len (default: 1024)" in text  # no braces for a free value
+    assert main(["export", "-h"]) == 0
+    assert "--format {hf,gguf} (default: 'hf')" in capsys.readouterr().out
+    assert main(["data", "preview", "-h"]) == 0
+    assert "--format {text,json} (default: 'text')" in capsys.readouterr().out
+    assert main(["chat", "-h"]) == 0
+    assert "--tools (default: None)" in capsys.readouterr().out

@@ -7,10 +7,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "demo.yaml")
 
@@ -34,6 +30,9 @@ def base_answers(cfg) -> list[tuple[str, str]]:
 
 
 def main() -> int:
+    from sftlab.logs import prepare_process
+
+    prepare_process()  # offline, and the libraries' progress bars and notices hidden (shown with --verbose)
     from sftlab.config import parse_config
     from sftlab.workflow import run_sft
 

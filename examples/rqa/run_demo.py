@@ -13,9 +13,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # On a small CPU shared with other work, spinning OpenMP threads stall each other (decoding measured >10x slower
 # on 2 busy cores); passive waiting costs nothing when the machine is idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -73,12 +70,12 @@ def main() -> int:
     import yaml
 
     from sftlab.config import build_config, parse_argv
+    from sftlab.logs import prepare_process
+
+    prepare_process()  # offline, and the libraries' progress bars and notices hidden
     from sftlab.rqa.e2e import format_metrics
     from sftlab.workflow import run_sft
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     _, flags = parse_argv(sys.argv[1:])
     cfg = build_config({**SETTINGS, **{k: yaml.safe_load(v) for k, v in flags.items()}})
     print("== sftlab retrieval-QA demo: SmolLM2-135M-Instruct + LoRA on the Marrowind Archipelago collection ==")

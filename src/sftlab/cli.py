@@ -98,8 +98,12 @@ CHAT_OPTIONS = (Option("tools", None, "a JSON file of tool definitions (OpenAI o
 
 def cmd_chat(argv: list[str]) -> int:
     from sftlab.chat import chat_loop, load_for_chat
-    from sftlab.config import config_from, parse_command
+    from sftlab.config import command_help, config_from, parse_command
 
+    if "-h" in argv or "--help" in argv:
+        print(command_help("sftlab chat --model OUTPUT_DIR [--key value ...] (generation options of `sftlab train`)",
+                           CHAT_OPTIONS))
+        return 0
     line = parse_command(argv, CHAT_OPTIONS, command="sftlab chat")
     tools = read_tools_file(line.options["tools"]) if line.options["tools"] else None
     m, tok, template, cfg = load_for_chat(config_from(line.target, line.flags))  # --model: --model_name_or_path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import types
 import typing
@@ -55,6 +56,15 @@ def literal_choices(tp: Any) -> tuple:
         if typing.get_origin(a) is Literal:
             return typing.get_args(a)
     return ()
+
+
+def help_choices(tp: Any) -> str:
+    """``{a,b,c}`` for a choice type (a ``Literal``, or an enum such as TrainingArguments' strategies), else ''."""
+    choices = literal_choices(tp)
+    if not choices:
+        enums = [a for a in (typing.get_args(tp) or (tp,)) if isinstance(a, type) and issubclass(a, enum.Enum)]
+        choices = tuple(m.value for m in enums[0]) if enums else ()
+    return "{" + ",".join(str(c) for c in choices) + "} " if choices else ""
 
 
 def _allows_none(tp: Any) -> bool:
@@ -491,7 +501,7 @@ def command_help(usage: str, options: tuple[Option, ...]) -> str:
     lines = [f"usage: {usage}", ""]
     for opt in options:
         default = "required" if opt.required else f"default: {opt.default!r}"
-        lines.append(f"  --{opt.name} ({default})\n      {opt.help}")
+        lines.append(f"  --{opt.name} {help_choices(opt.type)}({default})\n      {opt.help}")
     return "\n".join(lines)
 
 
@@ -661,11 +671,16 @@ def help_text() -> str:
         lines.append(f"{group} arguments:")
         for f in dataclasses.fields(cls):
             d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{f.name} (default: {d!r})\n      {f.metadata.get('help', '')}")
+            lines.append(f"  --{f.name} {help_choices(_type_of(cls, f.name))}(default: {d!r})\n"
+                         f"      {f.metadata.get('help', '')}")
         lines.append("")
     lines.append("training arguments (transformers TrainingArguments; sftlab's defaults shown where they differ):")
+    from transformers import Seq2SeqTrainingArguments
+
+    hints = typing.get_type_hints(Seq2SeqTrainingArguments)
     for name, f in training_fields().items():
         d = TRAINING_DEFAULTS.get(name, f.default if f.default is not dataclasses.MISSING else None)
         helptext = " ".join(str(f.metadata.get("help", "")).split())
-        lines.append(f"  --{name} (default: {d!r})\n      {helptext}")
+        choices = help_choices(hints.get(name))
+        lines.append(f"  --{name} {choices}(default: {d!r})\n      {helptext}")
     return "\n".join(lines)

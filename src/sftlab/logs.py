@@ -46,33 +46,60 @@ def _setup() -> None:
 
 
 def set_verbose(on: bool) -> None:
-    """``--verbose``: also show implementation details (what was sped up, cached, rebuilt, ...)."""
+    """``--verbose``: also show implementation details (what was sped up, cached, rebuilt, ...) and the libraries'
+    own progress bars and warnings."""
     log.setLevel(logging.DEBUG if on else logging.INFO)
-
-
-
-def prepare_process() -> None:
-    """What every entry point (the CLI, the probe's child process) does first: Hugging Face libraries stay offline
-    (nothing is downloaded at run time) and their noise is hidden."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(name, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_third_party()
 
 
+def prepare_process() -> None:
+    """What every entry point (the CLI, the demo, the probe's child process) does first: Hugging Face libraries stay
+    offline (nothing is downloaded at run time) and their noise is hidden."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # child processes start quiet too
+    quiet_third_party()
+
+
+_LIBRARIES = r"(transformers|peft|accelerate|torch|datasets|huggingface_hub)(\.|$)"
+
+
 def quiet_third_party() -> None:
-    """Deprecation notices and warnings that libraries address to their own users (transformers, peft, accelerate,
-    torch), not to sftlab's, are not shown; sftlab's own warnings and everything else still are."""
+    """Unless ``--verbose``: the progress bars, deprecation notices and warnings that libraries address to their own
+    users (transformers, peft, accelerate, torch, datasets), not to sftlab's, are not shown; sftlab's own warnings
+    and everything else still are."""
     import warnings
 
+    verbose = log.isEnabledFor(logging.DEBUG)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch)(\.|$)")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # The newest filter wins (an identical older one is replaced), so the two settings can follow each other.
+        warnings.filterwarnings("default" if verbose else "ignore", category=category, module=_LIBRARIES)
+    _set_library_verbosity(verbose)
+
+
+def _set_library_verbosity(verbose: bool) -> None:
+    """transformers' and datasets' loggers and progress bars (the per-tensor "Loading weights" bars would drown
+    the one progress bar that matters)."""
     try:
         from transformers.utils import logging as hf_logging
-
+    except ImportError:
+        return
+    if verbose:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    else:
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the progress bar that matters
+        hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        if verbose:
+            datasets.utils.logging.set_verbosity_warning()
+            datasets.enable_progress_bars()
+        else:
+            datasets.utils.logging.set_verbosity_error()
+            datasets.disable_progress_bars()
     except ImportError:
         pass
 
