@@ -103,7 +103,7 @@ def main() -> int:
     print(f"time: base evaluation {(t1 - t0) / 60:.1f} min, fine-tuning + evaluation {(t2 - t1) / 60:.1f} min, "
           f"total {(t2 - t0) / 60:.1f} min")
     print(f"Outputs in {OUT}/: adapter, trainer_log.jsonl (e2e_* of the evaluation), e2e_eval_results.json, "
-          "e2e_predictions.jsonl, index/, rqa_context/ (training rows with their passages)")
+          "e2e_predictions.jsonl, index/")
     return 0 if after_metrics["e2e_f1"] > before.metrics["e2e_f1"] else 1
 
 

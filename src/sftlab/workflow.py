@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.config import Config, save_config, training_amp
-from sftlab.data.dataset import prediction_items
+from sftlab.data.dataset import RowRewrite, prediction_items
 from sftlab.data.splits import ListDataset, Splits, build_splits, encode_settings
 from sftlab.data.templates import Template, resolve_template, save_template
 from sftlab.data.tokenize import check_template_tokens, multi_token_stop_strings, stop_token_ids
@@ -89,6 +89,7 @@ class Run:
     trainer: Any
     base_path: str | None = None
     retriever: Any = None
+    rewrite: RowRewrite | None = None
     predict_items: list | None = None
     resume: str | None = None
     started: float = field(default_factory=time.time)
@@ -124,8 +125,9 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     t = cfg.training
     tokenizer, template = load_tokenizer_and_template(cfg)
     retriever = open_retriever(cfg, tokenizer)
-    data = build_splits(cfg, tokenizer, template, retrieval_step(cfg, retriever))
-    predict_items = load_prediction_items(cfg, tokenizer, template, retriever) if t.do_predict else None
+    rewrite = retrieval_step(cfg, retriever)
+    data = build_splits(cfg, tokenizer, template, rewrite)
+    predict_items = load_prediction_items(cfg, tokenizer, template, rewrite) if t.do_predict else None
     resume = find_resume_checkpoint(t.output_dir, t.resume_from_checkpoint, cfg.finetuning.overwrite_output_dir
                                     or getattr(t, "overwrite_output_dir", False)) if t.do_train else None
     if t.do_train and data.train is not None and not cfg.data.streaming:  # a stream's size is not known ahead
@@ -151,7 +153,7 @@ def setup(cfg: Config, callbacks: list | None = None) -> Run:
     if trainer.is_world_process_zero():
         save_run_files(cfg, template, t.output_dir)
     return Run(cfg=cfg, tokenizer=tokenizer, template=template, data=data, trainer=trainer, base_path=base_path,
-               retriever=retriever, predict_items=predict_items, resume=resume)
+               retriever=retriever, rewrite=rewrite, predict_items=predict_items, resume=resume)
 
 
 def load_tokenizer_and_template(cfg: Config):
@@ -174,22 +176,18 @@ def open_retriever(cfg: Config, tokenizer):
     return open_rqa_retriever(cfg, tokenizer)
 
 
-def retrieval_step(cfg: Config, retriever):
-    """With ``rqa_context: retrieved``, the step that gives each training / eval row its retrieved passages."""
+def retrieval_step(cfg: Config, retriever) -> RowRewrite | None:
+    """With ``rqa_context: retrieved``, the step that gives each row its retrieved passages (in memory)."""
     if cfg.data.rqa_context != "retrieved":
         return None
-    from sftlab.rqa.e2e import retrieved_context_files
+    from sftlab.rqa.e2e import retrieval_rewrite
 
-    return lambda files, split: retrieved_context_files(files, split, cfg, retriever)
+    return retrieval_rewrite(cfg, retriever)
 
 
-def load_prediction_items(cfg: Config, tokenizer, template: Template, retriever=None) -> list:
-    test_files = cfg.data.test_file
-    if cfg.data.rqa_context == "retrieved":
-        from sftlab.rqa.e2e import retrieved_context_files
-
-        test_files = retrieved_context_files(test_files, "test", cfg, retriever)
-    items = prediction_items(test_files, tokenizer, template, encode_settings(cfg), cfg.data.max_samples)
+def load_prediction_items(cfg: Config, tokenizer, template: Template, rewrite: RowRewrite | None = None) -> list:
+    items = prediction_items(cfg.data.test_file, tokenizer, template, encode_settings(cfg), cfg.data.max_samples,
+                             rewrite)
     log.info(f"[test] {len(items)} prompts for prediction")
     return items
 
@@ -276,7 +274,7 @@ def evaluate(run: Run) -> dict[str, Any]:
     if cfg.training.predict_with_generate and cfg.data.eval_file:
         # Generative evaluation, as LLaMA-Factory's predict_with_generate: ROUGE/BLEU/EM/F1 on the eval rows.
         items = prediction_items(cfg.data.eval_file, run.tokenizer, run.template, encode_settings(cfg),
-                                 cfg.data.max_samples)
+                                 cfg.data.max_samples, run.rewrite, split="eval")
         metrics.update(run_predict(cfg, trainer.model, run.tokenizer, run.template, items, trainer,
                                    prefix="eval", write_results=False))
     if trainer.is_world_process_zero():

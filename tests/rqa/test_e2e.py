@@ -3,7 +3,9 @@ the evaluator's scores against independent recomputations, and LocalRQA's comman
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +13,14 @@ import pytest
 
 from sftlab.config import DataArguments, parse_config
 from sftlab.data import formats as F
-from sftlab.data.dataset import EncodeSettings, encode_row, tokenize_files
+from sftlab.data.dataset import EncodeSettings, RowRewrite, encode_row, tokenize_files
 from sftlab.data.loader import Row, read_rows
 from sftlab.data.templates import load_template
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.rqa import e2e
 from sftlab.rqa.documents import load_documents
 from sftlab.rqa.metrics import same_document
+from sftlab.workflow import retrieval_step
 
 EX = Path(__file__).resolve().parents[2] / "examples" / "rqa"
 TRAIN, EVAL, TEST = (str(EX / f"{s}_w_qa.jsonl") for s in ("train", "eval", "test"))
@@ -105,14 +108,15 @@ def test_retrieved_context_has_gold_top_ranked_others_and_seeded_order(tmp_path,
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n" + json.dumps(odd) + "\n")
     k = 3
 
-    def prepare(seed: int) -> tuple[str, list[Row]]:
+    def prepare(seed: int) -> tuple[RowRewrite, list[Row]]:
         cfg = _cfg(tmp_path, "--train_file", str(data), "--rqa_context", "retrieved", "--retrieval_top_k", str(k),
                    "--seed", str(seed))
-        [path] = e2e.retrieved_context_files(cfg.data.train_file, "train", cfg, retriever)
-        return path, read_rows(path)
+        rewrite = retrieval_step(cfg, retriever)
+        pairs = [("rqa", row) for row in read_rows(str(data))]
+        return rewrite, [row for _, row in rewrite.apply(pairs, "train")]
 
-    path7, out7 = prepare(7)
-    assert [r.line for r in out7] == [r.line for r in read_rows(str(data))]  # errors name the same lines
+    rewrite7, out7 = prepare(7)
+    assert [(r.file, r.line) for r in out7] == [(str(data), r.line) for r in read_rows(str(data))]  # errors name them
     assert _independent_ranking(minilm, odd["question"], docs).index(docs.index(palm)) >= k
     for row in out7:
         passages = row.data[F.CONTEXT_DOCS_KEY]
@@ -125,26 +129,102 @@ def test_retrieved_context_has_gold_top_ranked_others_and_seeded_order(tmp_path,
         shown = {p["page_content"] for p in passages if not any(same_document(p, g) for g in gold)}
         assert shown == set(others[: k - len(gold)])
 
-    first_bytes = Path(path7).read_bytes()
     _, again = prepare(7)
-    assert Path(path7).read_bytes() == first_bytes  # same seed, same file
-    path8, out8 = prepare(8)
+    assert [r.data for r in again] == [r.data for r in out7]  # same seed, same passages in the same order
+    rewrite8, out8 = prepare(8)
     orders7 = [[p["page_content"] for p in r.data[F.CONTEXT_DOCS_KEY]] for r in out7]
     orders8 = [[p["page_content"] for p in r.data[F.CONTEXT_DOCS_KEY]] for r in out8]
     assert all(sorted(a) == sorted(b) for a, b in zip(orders7, orders8))
     assert orders7 != orders8  # another seed shuffles differently
 
-    # The tokenized-data cache keys on the passages: each seed gets its own prompts, in its own order.
+    # The tokenized-data cache keys on the step: each seed gets its own prompts, in its own order.
     template = load_template(None, smol_tokenizer)
     cache = str(tmp_path / "cache")
-    ex8, _ = tokenize_files([path8], "train", smol_tokenizer, template, _settings(), cache_dir=cache)
-    Path(path7).write_bytes(first_bytes)  # the seed-8 run replaced the file; put the seed-7 one back
-    ex7, _ = tokenize_files([path7], "train", smol_tokenizer, template, _settings(), cache_dir=cache)
+    ex8, _ = tokenize_files([str(data)], "train", smol_tokenizer, template, _settings(), cache_dir=cache,
+                            rewrite=rewrite8)
+    ex7, _ = tokenize_files([str(data)], "train", smol_tokenizer, template, _settings(), cache_dir=cache,
+                            rewrite=rewrite7)
     assert ex7 != ex8
     for ex, order in zip(ex7, orders7):
         text = smol_tokenizer.decode(ex["input_ids"])
         positions = [text.index(p) for p in order]
         assert positions == sorted(positions)
+
+
+def _seeded_order(seed: int, line: int, question: str, passages: list[dict]) -> list[dict]:
+    """The documented passage order of rqa_context=retrieved: shuffled by a generator seeded from sha256 of the
+    seed, the row's line and its question."""
+    digest = hashlib.sha256(f"{seed}\0{line}\0{question}".encode()).digest()
+    shuffled = list(passages)
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(shuffled)
+    return shuffled
+
+
+def test_retrieved_context_is_added_in_memory_with_the_tokens_of_the_rewritten_file(
+        tmp_path, retriever, minilm, smol_tokenizer):
+    """The retrieval step writes nothing: the tokens (training, eval and prediction prompts) are those of data files
+    that carry the expected passages, built here independently (numpy ranking, documented seeded order) and
+    tokenized without any retrieval, as the former file-based step did."""
+    from sftlab.data.dataset import prediction_items
+    from sftlab.data.splits import build_splits, encode_settings
+
+    docs = load_documents(DOCS_JSONL)
+    k, seed = 3, 5
+    written: dict[str, Path] = {}
+    for name, source, n in (("train", TRAIN, 10), ("eval", EVAL, 4), ("test", TEST, 4)):
+        rows = _jsonl(source)[:n]
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
+        expected = tmp_path / "expected" / f"{name}.jsonl"
+        expected.parent.mkdir(exist_ok=True)
+        lines = []
+        for row in read_rows(str(path)):
+            gold = row.data["gold_docs"]
+            ranking = _independent_ranking(minilm, row.data["question"], docs)
+            others = [docs[i].to_dict() for i in ranking if not any(same_document(docs[i], g) for g in gold)]
+            passages = _seeded_order(seed, row.line, row.data["question"], gold + others[: k - len(gold)])
+            lines += [""] * (row.line - 1 - len(lines)) + [json.dumps({**row.data, F.CONTEXT_DOCS_KEY: passages})]
+        expected.write_text("\n".join(lines) + "\n")
+        written[name] = path
+    out = tmp_path / "out"
+    cfg = _cfg(tmp_path, "--train_file", str(written["train"]), "--eval_file", str(written["eval"]),
+               "--test_file", str(written["test"]), "--rqa_context", "retrieved", "--retrieval_top_k", str(k),
+               "--seed", str(seed), "--cutoff_len", "4096")
+    template = load_template(None, smol_tokenizer)
+    step = retrieval_step(cfg, retriever)
+    splits = build_splits(cfg, smol_tokenizer, template, step)
+    items = prediction_items(cfg.data.test_file, smol_tokenizer, template, encode_settings(cfg), rewrite=step)
+    assert not out.exists() or not any(out.rglob("*"))  # nothing written under output_dir
+
+    exp = {n: str(tmp_path / "expected" / f"{n}.jsonl") for n in ("train", "eval", "test")}
+    settings, cache = encode_settings(cfg), str(tmp_path / "cache-expected")
+    for split, got in (("train", splits.train), ("eval", splits.eval)):
+        want, _ = tokenize_files([exp[split]], split, smol_tokenizer, template, settings, cache_dir=cache)
+        assert len(got) == len(want) > 0
+        assert [dict(e) for e in got] == [dict(e) for e in want]
+    want_items = prediction_items([exp["test"]], smol_tokenizer, template, settings)
+    assert [i.prompt_ids for i in items] == [i.prompt_ids for i in want_items]
+    for got_item, row in zip(items, read_rows(exp["test"])):
+        for p in row.data[F.CONTEXT_DOCS_KEY]:
+            assert p["page_content"] in got_item.prompt
+
+
+def test_a_changed_index_is_not_served_from_the_tokenized_cache(tmp_path, retriever, minilm, smol_tokenizer):
+    """The cache key includes the index's identity: another collection (fewer passages) re-tokenizes."""
+    from sftlab.data.dataset import cache_key
+    from sftlab.data.splits import encode_settings
+    from sftlab.rqa.index import load_or_build_index
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _jsonl(TRAIN)[:3]))
+    cfg = _cfg(tmp_path, "--train_file", str(data), "--rqa_context", "retrieved", "--retrieval_top_k", "2")
+    template = load_template(None, smol_tokenizer)
+    smaller = load_or_build_index(load_documents(DOCS_JSONL)[:-1], minilm, tmp_path / "smaller-index")
+    keys = {cache_key([str(data)], smol_tokenizer, template, encode_settings(cfg), None, step)
+            for step in (retrieval_step(cfg, retriever), retrieval_step(cfg, smaller), None)}
+    assert len(keys) == 3
+    same = cache_key([str(data)], smol_tokenizer, template, encode_settings(cfg), None, retrieval_step(cfg, retriever))
+    assert same in keys  # the same index and settings: the same entry
 
 
 def test_retrieved_context_needs_a_collection(tmp_path):

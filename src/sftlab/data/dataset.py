@@ -11,13 +11,14 @@ template and every setting that changes the output; other ranks of a distributed
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sftlab.data import formats as F
 from sftlab.data.batched import count_trained, encode_stream
@@ -70,6 +71,37 @@ class EncodeSettings:
     column_mapping: dict[str, str]
     options: F.FormatOptions
     train_on_reasoning: bool = True
+
+
+Pairs = list[tuple[str, Row]]  # (format, row)
+REWRITE_CHUNK_ROWS = 4096  # rows given to a RowRewrite at a time: memory stays bounded, batch calls stay large
+
+
+@dataclass(frozen=True)
+class RowRewrite:
+    """A step that rewrites rows in memory after they are read and before they are encoded (the retrieval step of
+    ``rqa_context: retrieved``, given by the workflow, which owns the retriever).
+
+    ``apply(pairs, split) -> pairs``: a chunk of (format, row) pairs in, the same number out, in order (a row keeps
+    its file and line, so later errors name where it came from). ``key``: everything the output depends on besides
+    the rows and the encode settings (for retrieval: the index, k, the seed); part of the tokenized cache key, so a
+    changed index is never served from a stale cache."""
+
+    apply: Callable[[Pairs, str], Pairs]
+    key: dict[str, Any]
+
+
+def rewritten(pairs: Iterable[tuple[str, Row]], rewrite: RowRewrite | None, split: str) -> Iterator[tuple[str, Row]]:
+    """The pairs through `rewrite`, REWRITE_CHUNK_ROWS at a time (lazily: a stream stays a stream)."""
+    if rewrite is None:
+        yield from pairs
+        return
+    it = iter(pairs)
+    while chunk := list(itertools.islice(it, REWRITE_CHUNK_ROWS)):
+        out = rewrite.apply(chunk, split)
+        if len(out) != len(chunk):
+            raise ValueError(f"a row rewrite returned {len(out)} rows for {len(chunk)}")
+        yield from out
 
 
 def load_rows(files: list[str], dataset_format: str | None, column_mapping: dict[str, str],
@@ -170,22 +202,27 @@ def _rows_hint(files: list[str], max_samples: int | None) -> int | None:
 
 
 def cache_key(files: list[str], tokenizer, template: Template, settings: EncodeSettings,
-              max_samples: int | None) -> str:
-    return _fingerprint({
+              max_samples: int | None, rewrite: RowRewrite | None = None) -> str:
+    parts = {
         "v": CACHE_VERSION, "files": _files_digest(files), "tok": tokenizer_fingerprint(tokenizer),
         "template": template.to_dict(), "settings": asdict(settings), "max_samples": max_samples,
-    })
+    }
+    if rewrite is not None:
+        parts["rewrite"] = rewrite.key
+    return _fingerprint(parts)
 
 
 def tokenize_files(files: list[str], split: str, tokenizer, template: Template, settings: EncodeSettings,
                    max_samples: int | None = None, num_workers: int | None = None,
-                   cache_dir: str | None = None, overwrite_cache: bool = False) -> tuple[TokenizedExamples, DataSummary]:
+                   cache_dir: str | None = None, overwrite_cache: bool = False,
+                   rewrite: RowRewrite | None = None) -> tuple[TokenizedExamples, DataSummary]:
     """Tokenized examples of one split (memory-mapped from the on-disk cache) and its summary.
 
-    The cache entry is keyed by the data's bytes, the tokenizer, the template and every setting that changes the
-    output; when it exists the files are not read again (this is how the other ranks of a distributed run get
-    their data: the main process tokenizes first)."""
-    key = cache_key(files, tokenizer, template, settings, max_samples)
+    The cache entry is keyed by the data's bytes, the tokenizer, the template, every setting that changes the
+    output and `rewrite`'s key; when it exists the files are not read again (this is how the other ranks of a
+    distributed run get their data: the main process tokenizes first). `rewrite` changes the rows in memory
+    before they are encoded (see RowRewrite)."""
+    key = cache_key(files, tokenizer, template, settings, max_samples, rewrite)
     cache_root = Path(cache_dir) if cache_dir else default_data_cache()
     entry = cache_root / key[:32]
     if (entry / "summary.json").is_file() and (entry / EXAMPLES_FILE).is_file() and not overwrite_cache:
@@ -202,6 +239,7 @@ def tokenize_files(files: list[str], split: str, tokenizer, template: Template, 
     dropped: Counter = Counter()
     try:
         pairs = stream_rows(files, settings.dataset_format, settings.column_mapping, max_samples, settings.options)
+        pairs = rewritten(pairs, rewrite, split)
         for chunk in encode_stream(pairs, tokenizer, template, settings, num_workers=num_workers,
                                    total=_rows_hint(files, max_samples), desc=f"tokenize {split}"):
             writer.write(chunk.input_ids, chunk.labels, chunk.lengths)
@@ -235,11 +273,13 @@ class PredictItem:
 
 
 def prediction_items(files: list[str], tokenizer, template: Template, settings: EncodeSettings,
-                     max_samples: int | None = None) -> list[PredictItem]:
-    """For generation: each row's conversation up to its final answer, and that answer as the label."""
+                     max_samples: int | None = None, rewrite: RowRewrite | None = None,
+                     split: str = "test") -> list[PredictItem]:
+    """For generation: each row's conversation up to its final answer, and that answer as the label. `rewrite`
+    changes the rows first, as for training (see RowRewrite)."""
     items = []
-    for fmt, row in load_rows(files, settings.dataset_format, settings.column_mapping, max_samples,
-                              settings.options):
+    pairs = load_rows(files, settings.dataset_format, settings.column_mapping, max_samples, settings.options)
+    for fmt, row in rewritten(pairs, rewrite, split):
         if fmt == "text":
             raise DataError("prediction needs prompts and answers; the 'text' format has none", file=row.file)
         messages = F.to_messages(fmt, row, settings.options)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from sftlab.data.dataset import DataSummary, EncodeSettings, split_indices, tokenize_files
+from sftlab.data.dataset import DataSummary, EncodeSettings, RowRewrite, split_indices, tokenize_files
 from sftlab.data.formats import FileFormat, FormatOptions
 from sftlab.data.store import PackedExamples, Subset, example_lengths
 from sftlab.data.templates import Template
@@ -40,22 +40,20 @@ def encode_settings(cfg) -> EncodeSettings:
     )
 
 
-def build_splits(cfg, tokenizer, template: Template, rewrite_files=None) -> Splits:
+def build_splits(cfg, tokenizer, template: Template, rewrite: RowRewrite | None = None) -> Splits:
     """The run's splits: tokenized (main process first), val_size split off, packed when asked. ``cfg`` is the run's
     `sftlab.config.Config` (not imported: the config sits above the data layer).
 
-    ``rewrite_files(files, split) -> files``: a step that rewrites the rows before tokenization (the retrieval step
-    of ``rqa_context: retrieved``, given by the workflow, which owns the retriever)."""
+    ``rewrite``: a step that rewrites the rows in memory before they are encoded (the retrieval step of
+    ``rqa_context: retrieved``, given by the workflow, which owns the retriever); nothing is written but the cache."""
     d, t = cfg.data, cfg.training
     s = encode_settings(cfg)
     out = Splits()
 
     def tokenized(files: list[str], split: str):
-        if rewrite_files is not None:
-            files = rewrite_files(files, split)
         ex, summary = tokenize_files(files, split, tokenizer, template, s, max_samples=d.max_samples,
                                      num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
-                                     overwrite_cache=d.overwrite_cache)
+                                     overwrite_cache=d.overwrite_cache, rewrite=rewrite)
         out.summaries.append(summary)
         log.info(summary.line())
         return ex

@@ -3,10 +3,11 @@
 Two jobs share one retriever (opened once per run by `open_rqa_retriever`, which builds the index on the main
 process first when it is missing or stale):
 
-* `rqa_context: retrieved` — `retrieved_context_files` writes a copy of each rqa data file whose rows carry the
-  passages their prompt shows (`formats.CONTEXT_DOCS_KEY`): the gold passages plus the best-ranked other ones up
-  to `retrieval_top_k`, in an order shuffled with the seed. Retrieval thus happens once, before tokenization, and
-  because the passages are part of the file's bytes the tokenized-data cache can never serve stale prompts.
+* `rqa_context: retrieved` — `retrieval_rewrite` is the step (a `dataset.RowRewrite`) that gives each rqa row, in
+  memory, the passages its prompt shows (`formats.CONTEXT_DOCS_KEY`): the gold passages plus the best-ranked other
+  ones up to `retrieval_top_k`, in an order shuffled with the seed. Retrieval thus happens once, before
+  tokenization, and nothing is written; the tokenized-data cache is keyed by the index (its manifest), k and the
+  seed, so it never serves prompts retrieved from another index.
 * End-to-end evaluation — `E2EEvaluator` retrieves the top-k passages of every question from the full collection,
   renders exactly the training prompt with them (`formats.rqa_messages` -> `tokenize.encode_prompt`), decodes
   greedily, and scores retrieval (recall@1, recall@k), answers (token F1 and ROUGE-L on the 0-100 scale of
@@ -31,12 +32,12 @@ from transformers import TrainerCallback
 
 from sftlab.config import training_amp
 from sftlab.data import formats as F
+from sftlab.data.dataset import RowRewrite
 from sftlab.data.loader import Row
 from sftlab.errors import ConfigError, DataError
-from sftlab.files import atomic_writer, write_atomically
+from sftlab.files import atomic_writer
 from sftlab.logs import log
 
-CONTEXT_DIR = "rqa_context"  # under output_dir: the data files with their retrieved passages
 RESULTS_FILE = "e2e_eval_results.json"
 PREDICTIONS_FILE = "e2e_predictions.jsonl"
 EVAL_PREDICTIONS_FILE = "e2e_eval_predictions.jsonl"  # the latest in-training evaluation
@@ -123,50 +124,43 @@ def _rqa_rows(path: str, cfg) -> tuple[str, list[Row]]:
     return pairs[0][0], [row for _, row in pairs]
 
 
-def retrieved_context_files(files: Sequence[str], split: str, cfg, retriever) -> list[str]:
-    """Copies of the rqa files in `files` whose rows carry their prompt passages; other files are returned as is.
-
-    Written to <output_dir>/rqa_context/, one row per line at the row's original line number, so a DataError
-    raised later names the same line. Rows are validated first, so mistakes name the original file.
-    """
+def retrieval_rewrite(cfg, retriever) -> RowRewrite:
+    """The retrieval step of ``rqa_context: retrieved`` for `dataset.tokenize_files` / `prediction_items`: rqa rows
+    get their prompt passages in memory (`with_retrieved_passages`); rows of other formats pass unchanged."""
     from sftlab.data.splits import encode_settings
 
     opts = encode_settings(cfg).options
     k, seed = cfg.rqa.retrieval_top_k, cfg.training.seed
-    out_dir = Path(cfg.training.output_dir) / CONTEXT_DIR
-    out: list[str] = []
-    for i, path in enumerate(files):
-        fmt, rows = _rqa_rows(path, cfg)
-        if fmt != "rqa":
-            out.append(path)
-            continue
-        for row in rows:
-            F.to_messages("rqa", row, opts)  # validates the row, naming the original file and line
-        golds = [row.data.get("gold_docs") or [] for row in rows]
-        # Extra candidates so that k non-gold passages remain after the gold ones are set aside.
-        depth = k + max((len(g) for g in golds), default=0)
-        hits = retriever.search([str(row.data["question"]) for row in rows], depth)
-        lines: list[str] = []
-        for row, gold, found in zip(rows, golds, hits):
-            rng = _row_rng(seed, row, str(row.data["question"]))
-            data = dict(row.data)
-            data[F.CONTEXT_DOCS_KEY] = context_passages(gold, [doc for doc, _ in found], k, rng)
-            lines += [""] * max(row.line - 1 - len(lines), 0)
-            lines.append(json.dumps(data, ensure_ascii=False, default=str))
-        target = out_dir / f"{split}-{i}-{Path(path).stem}.jsonl"
-        _write_if_changed(target, "\n".join(lines) + "\n")
-        out.append(str(target))
-    log.info(f"[{split}] rqa_context=retrieved: top-{k} passages with the gold ones, shuffled with seed {seed} "
-             f"(files in {out_dir})")
+    log.info(f"rqa_context=retrieved: each prompt shows its gold passages and the top-{k} retrieved ones, "
+             f"shuffled with seed {seed}")
+    key = {"step": "rqa_context=retrieved", "version": 1, "k": k, "seed": seed,
+           "index": {name: retriever.manifest.get(name) for name in INDEX_IDENTITY}}
+    return RowRewrite(lambda pairs, split: with_retrieved_passages(pairs, retriever, k, seed, opts), key)
+
+
+# What makes one index's search results differ from another's (its manifest; not when or by which version it was
+# built): the tokenized-data cache of rqa_context=retrieved is keyed by these.
+INDEX_IDENTITY = ("format", "format_version", "embedding_model", "documents_hash", "dimension", "count", "metric")
+
+
+def with_retrieved_passages(pairs: list[tuple[str, Row]], retriever, k: int, seed: int,
+                            opts: F.FormatOptions) -> list[tuple[str, Row]]:
+    """The (format, row) pairs, each rqa row with its k prompt passages (`context_passages`) under
+    `formats.CONTEXT_DOCS_KEY`; one search call for the chunk. Rows are validated first, naming file and line."""
+    at = [i for i, (fmt, _) in enumerate(pairs) if fmt == "rqa"]
+    rows = [pairs[i][1] for i in at]
+    for row in rows:
+        F.to_messages("rqa", row, opts)  # validates the row, naming its file and line
+    golds = [row.data.get("gold_docs") or [] for row in rows]
+    # Extra candidates so that k non-gold passages remain after the gold ones are set aside.
+    depth = k + max((len(g) for g in golds), default=0)
+    hits = retriever.search([str(row.data["question"]) for row in rows], depth) if rows else []
+    out = list(pairs)
+    for i, row, gold, found in zip(at, rows, golds, hits):
+        rng = _row_rng(seed, row, str(row.data["question"]))
+        passages = context_passages(gold, [doc for doc, _ in found], k, rng)
+        out[i] = ("rqa", Row({**row.data, F.CONTEXT_DOCS_KEY: passages}, row.file, row.line))
     return out
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Atomic write; skipped when identical, so ranks that repeat the main process's work never race on it."""
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, text)
 
 
 # ---- end-to-end evaluation --------------------------------------------------------------------------------------
