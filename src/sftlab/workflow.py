@@ -247,6 +247,10 @@ def fit(run: Run) -> dict[str, Any]:
             raise ConfigError(f"{run.resume} holds no stream position (it was not saved by a streaming run): "
                               "resume it with streaming: false, or start over with --overwrite_output_dir true")
     result = trainer.train(resume_from_checkpoint=run.resume)
+    if trainer.stream_tracker is not None:  # what the workers read, now that it is known
+        streamed = trainer.stream_tracker.summary()
+        run.data.summaries.insert(0, streamed)
+        log.info(streamed.line())
     save_final_model(trainer)  # adapter only for LoRA; a full disk is reported, not a traceback
     tokens, trained = trainer.global_token_counts()
     runtime = result.metrics.get("train_runtime", time.time() - run.started)

@@ -15,10 +15,10 @@ from tests.reliability.conftest import (
 )
 
 
-def _kill_after_first_checkpoint(argv: list[str], out: Path) -> None:
-    """Start the run, wait until checkpoint-SAVE_STEPS is complete, SIGKILL the process while it is still training."""
+def _kill_after_first_checkpoint(argv: list[str], out: Path, step: int = SAVE_STEPS) -> None:
+    """Start the run, wait until checkpoint-`step` is complete, SIGKILL the process while it is still training."""
     proc = spawn(argv)
-    ckpt = out / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
+    ckpt = out / f"checkpoint-{step}" / "trainer_state.json"
     deadline = time.monotonic() + 300  # a safety net against a hung child, not a performance assertion
     while not ckpt.is_file():
         if proc.poll() is not None:

@@ -28,10 +28,12 @@ from sftlab.data import formats as F
 from sftlab.data.batched import encode_batch
 from sftlab.data.loader import Row, _jsonl_row, _surrogate_field, read_rows
 from sftlab.data.packing import bfd_pack
+from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import DataError
 
 POSITION_KEY = "sftlab_stream_position"
 ERROR_KEY = "sftlab_stream_error"
+COUNTS_KEY = "sftlab_stream_counts"
 STATE_FILE = "stream_state_{rank}.json"
 ENCODE_ROWS = 64  # rows per batched encode call inside a worker
 PACK_WINDOW = 1000  # examples packed together (best-fit decreasing) when packing on the fly
@@ -209,6 +211,8 @@ class StreamStats:
     rows_read: int = 0
     kept: int = 0
     truncated: int = 0
+    prompt_tokens: int = 0
+    trained_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
 
@@ -228,6 +232,9 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         self.pack_window, self.encode_rows = pack_window, encode_rows
         self.start: dict[int, Position] = {}  # shard -> where it restarts (a resumed run)
         self.num_shards_at_start: int | None = None
+        # Batches this rank consumed before a resume: the DataLoader takes batches from its workers in turn, worker 0
+        # first, so worker w serves shard (w + batches_before) % workers and the turns go on as before the stop.
+        self.batches_before = 0
         self.stats = StreamStats()
 
     def __iter__(self) -> Iterator[dict]:
@@ -235,11 +242,15 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         if info is not None:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
-        shard, shards = self.rank * workers + worker, self.world_size * workers
+        shard = self.rank * workers + (worker + self.batches_before) % workers
+        shards = self.world_size * workers
         try:
             self._check_shards(shards)
             for item, pos in self.shard_items(shard, shards, self.start.get(shard, Position())):
-                yield {**item, POSITION_KEY: (shard, shards, *astuple(pos))}
+                st = self.stats
+                yield {**item, POSITION_KEY: (shard, shards, *astuple(pos)),
+                       COUNTS_KEY: (st.rows_read, st.kept, st.truncated, st.prompt_tokens, st.trained_tokens,
+                                   dict(st.dropped), dict(st.formats))}
         except DataError as e:
             if info is None:
                 raise
@@ -320,6 +331,9 @@ class StreamingExamples(torch.utils.data.IterableDataset):
                 continue
             st.kept += 1
             st.truncated += bool(enc.truncated)
+            trained = sum(label != IGNORE_INDEX for label in enc.labels)
+            st.trained_tokens += trained
+            st.prompt_tokens += len(enc.labels) - trained
             yield {"input_ids": enc.input_ids, "labels": enc.labels}, Position(epoch, f, i + 1)
 
     def _file_format(self, path: str) -> tuple[str | None, dict[str, str]]:
@@ -365,11 +379,14 @@ def pack_of(examples: list[dict]) -> dict:
 # ---- the trainer's side: errors raised, positions kept, saved and restored ------------------------------------
 class StreamTracker:
     """In the training process: raises a worker's data error, keeps the position of the last item consumed per
-    shard, writes it beside each checkpoint (one file per rank) and restores it on resume."""
+    shard and the batches consumed, writes them beside each checkpoint (one file per rank) and restores them on
+    resume; sums the shards' row counts for the run's data summary."""
 
     def __init__(self, dataset: StreamingExamples):
         self.dataset = dataset
         self.positions: dict[int, list[int]] = {}
+        self.counts: dict[int, tuple] = {}
+        self.batches = 0
 
     def observe(self, batch: dict) -> dict:
         """Called on every training batch in the main process, before anything reads it."""
@@ -377,16 +394,20 @@ class StreamTracker:
         if error is not None:
             raise error
         pos = batch.pop(POSITION_KEY, None)
+        counts = batch.pop(COUNTS_KEY, None)
         if pos is not None:
             shard, shards, *rest = (int(x) for x in pos)
             self.positions[shard] = [shards, *rest]
+            self.batches += 1
+        if counts is not None:
+            self.counts[int(pos[0])] = counts
         return batch
 
     def save(self, directory: str, rank: int) -> None:
         state = {str(k): [self.dataset.num_shards_at_start or 0, *astuple(p)] for k, p in self.dataset.start.items()}
         state.update({str(k): v for k, v in self.positions.items()})
         with open(os.path.join(directory, STATE_FILE.format(rank=rank)), "w", encoding="utf-8") as fh:
-            json.dump({"shards": state}, fh)
+            json.dump({"batches": self.dataset.batches_before + self.batches, "shards": state}, fh)
 
     def restore(self, checkpoint: str, rank: int) -> bool:
         """Start every shard of this rank where the checkpoint's run left it; False when the checkpoint has no
@@ -395,14 +416,33 @@ class StreamTracker:
         if not os.path.isfile(path):
             return False
         with open(path, encoding="utf-8") as fh:
-            shards = json.load(fh)["shards"]
+            state = json.load(fh)
         start = {}
-        for k, (n, epoch, f, row, skip) in shards.items():
+        for k, (n, epoch, f, row, skip) in state["shards"].items():
             start[int(k)] = Position(epoch, f, row, skip)
             if n:
                 self.dataset.num_shards_at_start = n
         self.dataset.start = start
+        self.dataset.batches_before = int(state["batches"])
         return True
+
+    def summary(self):
+        """The rows the workers of this rank read, kept, cut and dropped in this run, as a `DataSummary`."""
+        from sftlab.data.dataset import DataSummary
+
+        out = DataSummary(split="train, streamed")
+        dropped: Counter = Counter()
+        formats: Counter = Counter()
+        for rows, kept, truncated, prompt, trained, why, fmts in self.counts.values():
+            out.rows_read += rows
+            out.kept += kept
+            out.truncated += truncated
+            out.prompt_tokens += prompt
+            out.trained_tokens += trained
+            dropped.update(why)
+            formats.update(fmts)
+        out.dropped, out.formats = dict(dropped), dict(formats)
+        return out
 
 
 def collate_stream_item(features: list[dict]) -> tuple[list[dict], dict]:
@@ -416,5 +456,6 @@ def collate_stream_item(features: list[dict]) -> tuple[list[dict], dict]:
         if POSITION_KEY in f:
             f = dict(f)
             extra[POSITION_KEY] = torch.tensor(f.pop(POSITION_KEY), dtype=torch.int64)
+            extra[COUNTS_KEY] = f.pop(COUNTS_KEY, None)
         clean.append(f)
     return clean, extra
