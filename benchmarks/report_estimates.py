@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {  # name: (finetuning_type, cutoff_len)
     "lora-256": ("lora", 256),
+    "lora-512": ("lora", 512),
+    "full-256": ("full", 256),
     "lora-1024": ("lora", 1024),
     "full-512": ("full", 512),
 }
@@ -78,6 +80,7 @@ def run(cmd: list[str], log: Path) -> float:
 def measure(name: str, work: Path, data: Path, steps: int, batch: int, model: str) -> dict:
     ft, cutoff = CONFIGS[name]
     out = work / name
+    load_before = round(os.getloadavg()[0], 1)
     flags = ["--model_name_or_path", model, "--train_file", str(data), "--finetuning_type", ft, "--cutoff_len", str(cutoff),
              "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--save_strategy", "no",
              "--logging_steps", "1", "--output_dir", str(out / "run"), "--overwrite_output_dir", "true",
@@ -96,7 +99,8 @@ def measure(name: str, work: Path, data: Path, steps: int, batch: int, model: st
         "memory_measured_mb": res["train_peak_rss_mb"],
         "time_estimate_s": cost["train_seconds"], "time_measured_s": round(res["train_runtime"], 2),
         "probe_steps": cost["probe"]["steps"] if cost["probe"] else None,
-        "report_seconds": rep["timings"]["total_seconds"],
+        "report_seconds": rep["timings"]["total_seconds"], "load_before": load_before,
+        "load_after": round(os.getloadavg()[0], 1),
     }
 
 
@@ -111,13 +115,14 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
              f"load average {meta['load_before']} before, {meta['load_after']} after. Off by = (estimate - measured) "
              "/ measured. Targets: memory within 25%, time within 30%.", "",
              "| config | largest forward (tokens) | memory analytic (MiB) | off by | memory from probe (MiB) | off by | "
-             "measured peak RSS (MiB) | time estimate (s) | measured train_runtime (s) | off by |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "measured peak RSS (MiB) | time estimate (s) | measured train_runtime (s) | off by | load avg |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['largest_forward_tokens']} | {r['memory_analytic_mb']} | "
                      f"{off(r['memory_analytic_mb'], r['memory_measured_mb'])} | {r['memory_probe_mb']} | "
                      f"{off(r['memory_probe_mb'], r['memory_measured_mb'])} | {r['memory_measured_mb']} | "
-                     f"{r['time_estimate_s']} | {r['time_measured_s']} | {off(r['time_estimate_s'], r['time_measured_s'])} |")
+                     f"{r['time_estimate_s']} | {r['time_measured_s']} | {off(r['time_estimate_s'], r['time_measured_s'])} | "
+                     f"{r['load_before']} / {r['load_after']} |")
     lines += ["", "Produced by `python benchmarks/report_estimates.py`; the raw numbers (probe steps included) are in "
               "report_estimates.json.", ""]
     path.write_text("\n".join(lines))
@@ -125,14 +130,16 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--configs", default="lora-256,lora-512,full-256")
+    ap.add_argument("--rows", type=int, default=0, help="default: steps x batch, so that the measured run is one "
+                    "whole epoch (its longest batch included, which the memory estimate is for)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--model", default="bundled", choices=["bundled", "small"],
                     help="bundled: SmolLM2-135M-Instruct; small: a random 4-layer 256-wide Llama (13M parameters, "
                          "most of them the embedding), for a machine too busy for the bundled model")
     args = ap.parse_args()
+    args.rows = args.rows or args.steps * args.batch
     work = Path(tempfile.mkdtemp(prefix="sftlab-report-bench-"))
     sys.path.insert(0, str(ROOT / "src"))
     model = "smollm2-135m-instruct" if args.model == "bundled" else small_model(work / "small-llama")

@@ -235,3 +235,49 @@ def test_probe_then_the_real_run_it_estimated(tmp_path, tiny_model_dir, data_fil
     assert "## Estimate vs this run" in card and "sftlab data report with probe" in card
     row = next(l for l in card.splitlines() if l.startswith("| peak memory"))
     assert row.count("|") == 5 and "| - |" not in row
+
+
+def test_report_reads_the_training_cache_and_hashes_in_workers(tmp_path, tiny_model_dir, smol_tokenizer, data_files,
+                                                                monkeypatch):
+    """Two worker processes give the numbers of one; the tokenized entries the report wrote are those training maps
+    (training after a report tokenizes nothing), and a second report reads them too."""
+    import sftlab.data.dataset as dataset
+    from sftlab.data.splits import build_splits
+    from sftlab.data.templates import load_template
+
+    _, files = data_files
+    serial = data_report(_cfg(tiny_model_dir, files, tmp_path / "a", "--data_cache_dir", str(tmp_path / "c1")),
+                         probe=False).to_dict()
+    cfg = _cfg(tiny_model_dir, files, tmp_path / "b", "--data_cache_dir", str(tmp_path / "c2"),
+               "--preprocessing_num_workers", "2")
+    parallel = data_report(cfg, probe=False).to_dict()
+    assert parallel["splits"] == serial["splits"] and parallel["duplicates"] == serial["duplicates"]
+
+    def tokenized_again(*a, **k):
+        raise AssertionError("tokenized again instead of mapping the cache")
+
+    monkeypatch.setattr(dataset, "encode_stream", tokenized_again)
+    splits = build_splits(cfg, smol_tokenizer, load_template("chatml", smol_tokenizer))
+    assert len(splits.train) == parallel["splits"]["train"]["kept"] == 34
+    assert data_report(cfg, probe=False).to_dict()["splits"] == serial["splits"]
+
+
+def test_probe_batches_are_the_longest_then_typical_ones():
+    """Step 1: the longest rows (earlier first among equals); later steps: batches whose tokens are near the mean
+    tokens per step, never a dropped row."""
+    import numpy as np
+
+    from sftlab.report import PROBE_STEPS, probe_choice
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 900, size=500)
+    lengths[[7, 9]] = 2000
+    lengths[[3, 100, 200]] = -1  # dropped
+    longest, sample = probe_choice(lengths, 4, seed=1)
+    kept = lengths[lengths >= 0]
+    assert longest[:2] == [7, 9] and sorted(lengths[longest]) == sorted(kept)[-4:]
+    assert len(sample) == 4 * (PROBE_STEPS - 1) and not {3, 100, 200} & set(sample)
+    for step in range(PROBE_STEPS - 1):
+        tokens = lengths[sample[4 * step:4 * step + 4]].sum()
+        assert abs(tokens - 4 * kept.mean()) < 0.05 * 4 * kept.mean()
+    assert probe_choice(lengths, 4, seed=1) == (longest, sample)

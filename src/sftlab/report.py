@@ -1,8 +1,11 @@
 """`sftlab data report`: what a training run will learn from and what it will cost, before it runs.
 
-`data_report(cfg)` reads the same configuration as `sftlab train` and streams once over every split's rows:
-each row is encoded as training encodes it (`data.stats`), checked against earlier training rows for exact and near
-duplicates (`data.duplicates`), and its kept length recorded. Then the cost of training on the kept examples is
+`data_report(cfg)` reads the same configuration as `sftlab train`. Each split is tokenized exactly as training
+tokenizes it, into the same memory-mapped cache (`data.dataset.tokenize_files`: a report followed by train, or train
+followed by a report, tokenizes once), and its token statistics are computed in numpy from that cache and the per-row
+facts stored beside it (`data.stats.SplitStats.from_cache`). The rows' text is then streamed once more, in chunks
+hashed by `preprocessing_num_workers` processes, and checked against earlier training rows for exact and near
+duplicates (`data.duplicates`). Then the cost of training on the kept examples is
 estimated (`train.estimate`) and, unless skipped, measured by a probe of a few real steps (`sftlab.probe`).
 The result is a `Report`: `to_dict()` is JSON (every number), `write_report` writes data_report.md, .json and the
 figures, `summary_lines` is the short printed version. The estimate is also recorded in the run's output_dir
@@ -11,7 +14,6 @@ figures, `summary_lines` is the short printed version. The estimate is also reco
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import random
@@ -20,21 +22,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from sftlab.config import Config, save_config
-from sftlab.data.dataset import load_rows
-from sftlab.data.duplicates import DuplicateCounts, DuplicateIndex, Place, write_deduplicated
+from sftlab.data.dataset import stream_rows, tokenize_files
+from sftlab.data.duplicates import DuplicateCounts, DuplicateIndex, Place, fingerprint_rows, write_deduplicated
 from sftlab.data.stats import SplitStats, row_tokens
-from sftlab.errors import ConfigError
+from sftlab.errors import ConfigError, DataError
 from sftlab.logs import log
 from sftlab.outputs import ESTIMATE_FILE, write_json
 from sftlab.train.estimate import CostEstimate, add_probe, estimate_cost, process_rss
 
-PROBE_STEPS = 3  # the first on the longest examples (peak memory, warm-up), the others on random ones (time)
-PROGRESS_EVERY = 10000
+PROBE_STEPS = 3  # the first on the longest examples (peak memory, warm-up), the others on typical ones (time)
+TYPICAL_DRAWS = 64  # random batches drawn per typical probe step; the one nearest the mean tokens per step is run
+PROGRESS_EVERY = 20000
+FINGERPRINT_ROWS = 512  # rows per chunk a duplicate-scan worker hashes
 SPLITS = (("train", "train_file"), ("eval", "eval_file"), ("test", "test_file"))
 
 
@@ -96,69 +103,148 @@ def _duration(s: float) -> str:
 
 
 # ---- the data pass ----------------------------------------------------------------------------------------------
-class _ProbeRows:
+@dataclass
+class ProbeRows:
     """The longest training rows (one optimizer step's worth) and a seeded random sample of the others, as
-    (format, row data after column mapping), for the probe's data file."""
+    (kept length, row data after column mapping), for the probe's data file; all of one format."""
 
-    def __init__(self, per_step: int, seed: int):
-        self.per_step = per_step
-        self.longest: list[tuple[int, int, dict]] = []  # min-heap of (length, row number, data)
-        self.sample: list[tuple[int, dict]] = []
-        self.seen = 0
-        self.rng = random.Random(seed)
-        self.fmt: str | None = None
-
-    def offer(self, fmt: str, data: dict, length: int) -> None:
-        self.fmt = self.fmt or fmt
-        if fmt != self.fmt:
-            return
-        self.seen += 1
-        item = (length, self.seen, data)
-        if len(self.longest) < self.per_step:
-            heapq.heappush(self.longest, item)
-        elif length > self.longest[0][0]:
-            heapq.heapreplace(self.longest, item)
-        k = self.per_step * (PROBE_STEPS - 1)
-        if len(self.sample) < k:  # reservoir sampling
-            self.sample.append((length, data))
-        else:
-            j = self.rng.randrange(self.seen)
-            if j < k:
-                self.sample[j] = (length, data)
+    per_step: int
+    fmt: str | None = None
+    longest: list[tuple[int, dict]] = field(default_factory=list)
+    sample: list[tuple[int, dict]] = field(default_factory=list)
 
     def rows(self) -> list[tuple[int, dict]]:
-        longest = [(n, d) for n, _, d in sorted(self.longest, key=lambda x: (-x[0], x[1]))]
-        return longest + self.sample
+        return self.longest + self.sample
 
 
-def _scan_split(name: str, files: list[str], cfg: Config, tokenizer, template, settings, index: DuplicateIndex,
-                removal: dict[str, dict[int, str]], probe_rows: _ProbeRows | None,
-                log: Callable[[str], None]) -> tuple[SplitStats, DuplicateCounts]:
+def probe_choice(row_lengths: np.ndarray, per_step: int, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices for the probe from each row's kept length (-1: dropped): the per_step longest (longest first,
+    the earlier row first among equals: the warm-up step, and the peak memory), then for each later step a typical
+    batch: of TYPICAL_DRAWS seeded random draws of per_step kept rows, the one whose tokens are closest to the
+    run's mean tokens per step (so the measured seconds per token are those of the run's usual shapes)."""
+    kept = np.flatnonzero(row_lengths >= 0)
+    longest = kept[np.lexsort((kept, -row_lengths[kept]))][:per_step].tolist()
+    if len(kept) == 0:
+        return longest, []
+    k = min(per_step, len(kept))
+    target = float(row_lengths[kept].mean()) * k
+    rng = np.random.default_rng(seed)
+    sample: list[int] = []
+    for _ in range(PROBE_STEPS - 1):
+        draws = [rng.choice(kept, size=k, replace=False) for _ in range(TYPICAL_DRAWS)]
+        best = min(draws, key=lambda b: abs(float(row_lengths[b].sum()) - target))
+        sample += best.tolist()
+    return longest, sample
+
+
+def _tokenized_stats(name: str, files: list[str], cfg: Config, tokenizer, template, settings) -> SplitStats:
+    """The split's numbers from the tokenized cache (tokenizing it, as training would, when it is not there yet);
+    the per-row reference when the cache cannot say (no example kept, or an entry without per-row facts)."""
+    d = cfg.data
+    try:
+        ex, summary = tokenize_files(files, name, tokenizer, template, settings, max_samples=d.max_samples,
+                                     num_workers=d.preprocessing_num_workers, cache_dir=d.data_cache_dir,
+                                     overwrite_cache=d.overwrite_cache)
+        facts = ex.row_facts()
+    except DataError as e:
+        if "no example left" not in str(e):
+            raise
+        facts = None
+    if facts is None:
+        return _reference_stats(name, files, cfg, tokenizer, template, settings)
+    return SplitStats.from_cache(name, d.cutoff_len, facts, ex.lengths(), ex.trained_counts(), summary.formats,
+                                 summary.dropped)
+
+
+def _reference_stats(name: str, files: list[str], cfg: Config, tokenizer, template, settings) -> SplitStats:
     stats = SplitStats(name, cfg.data.cutoff_len)
+    for fmt, row in stream_rows(files, settings.dataset_format, settings.column_mapping, cfg.data.max_samples,
+                                settings.options):
+        stats.add(fmt, row_tokens(fmt, row, tokenizer, template, settings))
+    return stats
+
+
+def _fingerprinted(pairs, options, pool) -> Iterator[tuple[list, tuple[list[bytes], np.ndarray]]]:
+    """(chunk of pairs, its fingerprints) in order; over the pool's workers with at most two chunks each in flight,
+    so rows are read only as fast as they are hashed."""
+    chunks = _chunks(pairs, FINGERPRINT_ROWS)
+    if pool is None:
+        for chunk in chunks:
+            yield chunk, fingerprint_rows(chunk, options)
+        return
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.apply_async(fingerprint_rows, (chunk, options))))
+        while len(pending) >= 2 * pool._processes:
+            c, job = pending.popleft()
+            yield c, job.get()
+    while pending:
+        c, job = pending.popleft()
+        yield c, job.get()
+
+
+def _chunks(items, size: int):
+    chunk: list = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _scan_duplicates(name: str, files: list[str], cfg: Config, settings, index: DuplicateIndex,
+                     removal: dict[str, dict[int, str]], pool, wanted: set[int],
+                     log: Callable[[str], None]) -> tuple[DuplicateCounts, dict[int, tuple[str, dict]], int]:
+    """Exact and near duplicates of the split's rows (within train; eval/test against train), streaming; also the
+    rows numbered in `wanted` (format, data). Returns (counts, wanted rows, rows read)."""
     dups = DuplicateCounts()
+    picked: dict[int, tuple[str, dict]] = {}
+    n = 0
     started = time.perf_counter()
-    for path in files:  # one file at a time: only its rows are in memory
-        for fmt, row in load_rows([path], settings.dataset_format, settings.column_mapping, cfg.data.max_samples,
-                                  settings.options):
-            r = row_tokens(fmt, row, tokenizer, template, settings)
-            stats.add(fmt, r)
-            if stats.rows_read % PROGRESS_EVERY == 0:
-                log(f"[{name}] {stats.rows_read} rows ({time.perf_counter() - started:.0f} s)")
+    pairs = stream_rows(files, settings.dataset_format, settings.column_mapping, cfg.data.max_samples,
+                        settings.options)
+    for chunk, (digests, sigs) in _fingerprinted(pairs, settings.options, pool):
+        for (fmt, row), digest, sig in zip(chunk, digests, sigs):
+            if n in wanted:
+                picked[n] = (fmt, row.data)
+            n += 1
             place = Place(name, row.file, row.line)
             if name == "train":
-                match = index.add_train(r.content, place)
+                match = index.add_train_fingerprint(digest, sig, place)
                 if match:
                     removal.setdefault(row.file, {})[row.line] = f"{match.kind} duplicate of {match.original}"
-                if r.kept is not None and probe_rows is not None:
-                    probe_rows.offer(fmt, row.data, len(r.kept.input_ids))
             else:
-                match = index.check(r.content, place)
+                match = index.check_fingerprint(digest, sig, place)
                 if match:
                     o = match.original
                     removal.setdefault(o.file, {}).setdefault(o.line, f"{match.kind} match of {name} row {place}")
             if match:
                 dups.add(match)
-    return stats, dups
+        if n // PROGRESS_EVERY != (n - len(chunk)) // PROGRESS_EVERY:
+            log(f"[{name}] duplicates: {n} rows ({time.perf_counter() - started:.0f} s)")
+    return dups, picked, n
+
+
+def _probe_rows(stats: SplitStats, picked: dict[int, tuple[str, dict]], longest: list[int], sample: list[int],
+                per_step: int) -> ProbeRows:
+    rows = ProbeRows(per_step)
+    row_len = _row_lengths(stats)
+    for target, indices in ((rows.longest, longest), (rows.sample, sample)):
+        for i in indices:
+            fmt, data = picked[i]
+            rows.fmt = rows.fmt or fmt
+            if fmt == rows.fmt:  # the probe's file has one format
+                target.append((int(row_len[i]), data))
+    return rows
+
+
+def _row_lengths(stats: SplitStats) -> np.ndarray:
+    """Each row's kept length, -1 for dropped rows (from the per-row facts' kept flags, or the reference's)."""
+    out = np.full(stats.rows_read, -1, dtype=np.int64)
+    out[np.asarray(stats.kept_rows, dtype=np.int64)] = np.asarray(stats.kept_lengths, dtype=np.int64)
+    return out
 
 
 def _settings(cfg: Config, template) -> dict[str, Any]:
@@ -202,19 +288,37 @@ def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, pr
         report.notes.append(f"val_size={d.val_size}: the eval split is drawn from these training rows at random; "
                             "the train figures include them")
     t = cfg.training
-    probe_rows = _ProbeRows(t.per_device_train_batch_size * t.gradient_accumulation_steps, t.seed) if probe else None
     index = DuplicateIndex(threshold=near_threshold)
     removal: dict[str, dict[int, str]] = {}
-    for name, attr in SPLITS:
-        files = getattr(d, attr) or []
-        if not files:
-            continue
-        t0 = time.perf_counter()
-        stats, dups = _scan_split(name, files, cfg, tokenizer, template, settings, index, removal,
-                                  probe_rows if name == "train" else None, log)
-        report.splits[name], report.duplicates[name] = stats, dups
-        report.timings[f"{name}_seconds"] = round(time.perf_counter() - t0, 2)
-        log(f"[{name}] {stats.rows_read} rows read in {report.timings[f'{name}_seconds']} s")
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    workers = d.preprocessing_num_workers or 0
+    pool = _fingerprint_pool(workers)
+    probe_rows = None
+    try:
+        for name, attr in SPLITS:
+            files = getattr(d, attr) or []
+            if not files:
+                continue
+            t0 = time.perf_counter()
+            stats = _tokenized_stats(name, files, cfg, tokenizer, template, settings)
+            report.timings[f"{name}_tokens_seconds"] = round(time.perf_counter() - t0, 2)
+            log(f"[{name}] {stats.rows_read} rows: token statistics in {report.timings[f'{name}_tokens_seconds']} s")
+            longest, sample = probe_choice(_row_lengths(stats), per_step, t.seed) if probe and name == "train" \
+                else ([], [])
+            t0 = time.perf_counter()
+            dups, picked, n = _scan_duplicates(name, files, cfg, settings, index, removal, pool,
+                                               set(longest) | set(sample), log)
+            if n != stats.rows_read:
+                raise DataError(f"{name}: {n} rows read for duplicates but {stats.rows_read} tokenized (did the "
+                                f"files change while the report ran?)", file=", ".join(files))
+            report.timings[f"{name}_duplicates_seconds"] = round(time.perf_counter() - t0, 2)
+            log(f"[{name}] duplicates in {report.timings[f'{name}_duplicates_seconds']} s")
+            report.splits[name], report.duplicates[name] = stats, dups
+            if name == "train" and probe:
+                probe_rows = _probe_rows(stats, picked, longest, sample, per_step)
+    finally:
+        if pool is not None:
+            pool.terminate()
     if dedup:
         report.dedup = _write_dedup(d.train_file, removal, Path(out_dir) / "dedup")
     train = report.splits["train"]
@@ -236,6 +340,15 @@ def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, pr
     return report
 
 
+def _fingerprint_pool(workers: int):
+    """Worker processes for the duplicate scan's hashing (none for preprocessing_num_workers <= 1)."""
+    if workers <= 1:
+        return None
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Pool(workers)
+
+
 def _write_dedup(train_files: list[str], removal: dict[str, dict[int, str]], out: Path) -> dict[str, Any]:
     files, removed, reasons = [], 0, []
     for path in train_files:
@@ -248,7 +361,7 @@ def _write_dedup(train_files: list[str], removal: dict[str, dict[int, str]], out
 
 
 # ---- the probe ----------------------------------------------------------------------------------------------------
-def run_probe(cfg: Config, rows: _ProbeRows) -> dict[str, Any] | None:
+def run_probe(cfg: Config, rows: ProbeRows) -> dict[str, Any] | None:
     """Run `sftlab.probe` in a child process on the probe rows; per-step seconds and tokens, peak RSS."""
     items = rows.rows()
     per_step = rows.per_step

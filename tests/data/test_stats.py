@@ -73,3 +73,59 @@ def test_distribution_matches_the_statistics_module():
         assert d["mean"] == round(statistics.fmean(xs), 2) and d["median"] == statistics.median(xs)
         assert d["max"] == max(xs) and d["p95"] == s[math.ceil(0.95 * n) - 1]
         assert sum(x <= d["p95"] for x in xs) >= 0.95 * n > sum(x < d["p95"] for x in xs)
+
+
+# ---- the cache path against the per-row reference ------------------------------------------------------------
+def _mixed_rows(rng: random.Random) -> dict[str, list[dict]]:
+    """`messages` rows of 1-3 exchanges (30% with a system prompt), some far over the cutoff, one with no trained
+    turn (dropped), and `text` rows in a file of their own."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    rows = []
+    for i in range(60):
+        msgs = [{"role": "system", "content": text(8)}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs += [{"role": "user", "content": text(rng.randint(3, 30))},
+                     {"role": "assistant", "content": text(rng.randint(80, 140) if i % 7 == 0 else rng.randint(2, 40))}]
+        rows.append({"messages": msgs})
+    for m in rows[5]["messages"]:
+        if m["role"] == "assistant":
+            m["train"] = False
+    return {"messages": rows, "text": [{"text": text(rng.randint(5, 150))} for _ in range(25)]}
+
+
+@pytest.mark.parametrize("truncation", ["keep_answer", "drop"])
+def test_cache_statistics_equal_the_per_row_reference(tmp_path, smol_tokenizer, truncation):
+    """SplitStats from the tokenized cache (what `sftlab data report` reads) has every number the per-row reference
+    counts, on rows with truncation, drops, markup and several formats."""
+    import json
+
+    from sftlab.data.dataset import stream_rows, tokenize_files
+
+    rows = _mixed_rows(random.Random(11))
+    files = []
+    for name, items in rows.items():
+        files.append(str(tmp_path / f"{name}.jsonl"))
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    tmpl = load_template("tokenizer", smol_tokenizer)
+    s = EncodeSettings(train_on="completion", cutoff_len=128, truncation=truncation, dataset_format=None,
+                       column_mapping={}, options=FormatOptions())
+    ref = SplitStats("train", 128)
+    for fmt, row in stream_rows(files, None, {}, None, s.options):
+        ref.add(fmt, row_tokens(fmt, row, smol_tokenizer, tmpl, s))
+    ex, summary = tokenize_files(files, "train", smol_tokenizer, tmpl, s, cache_dir=str(tmp_path / "cache"))
+    got = SplitStats.from_cache("train", 128, ex.row_facts(), ex.lengths(), ex.trained_counts(), summary.formats,
+                                summary.dropped)
+    assert got.to_dict() == ref.to_dict()
+    assert list(got.kept_lengths) == list(ref.kept_lengths) and list(got.kept_rows) == list(ref.kept_rows)
+    d = got.to_dict()  # the set has what the test is about
+    assert d["markup_tokens"] > 0
+    assert d["formats"] == {"messages": 60, "text": 25} and set(d["turns_per_row"]) == {"1", "2", "3"}
+    if truncation == "drop":
+        assert d["dropped"]["too long"] > 0 and d["dropped_row_tokens"] > 0
+    else:
+        assert d["truncated"] > 0 and d["answers_cut"] > 0 and d["answer_tokens_lost"] > 0
+        assert d["dropped"] == {"no trained token": 1}

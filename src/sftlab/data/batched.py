@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from sftlab.data import formats as F
+from sftlab.data.facts import row_facts
 from sftlab.data.fitting import fit_encoded, naming_row
 from sftlab.data.loader import Row
 from sftlab.data.templates import Template
@@ -42,6 +43,7 @@ class EncodedChunk:
     labels: np.ndarray  # int32, aligned with input_ids
     lengths: np.ndarray  # int64, tokens per kept example
     rows: int = 0
+    facts: np.ndarray | None = None  # int32 (rows, len(facts.FACT_COLUMNS)): every row's `facts.row_facts`
     truncated: int = 0
     formats: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
@@ -65,20 +67,24 @@ def tokenize_batch(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tu
 
 
 def encode_batch(pairs: list[tuple[str, Row]], tokenizer, template: Template,
-                 settings) -> list[tuple[Encoded | None, str | None]]:
-    """Each (format, row) -> (example, None) or (None, reason dropped): the same results as `encode_row`."""
+                 settings, facts: list | None = None) -> list[tuple[Encoded | None, str | None]]:
+    """Each (format, row) -> (example, None) or (None, reason dropped): the same results as `encode_row` (with
+    its answer mask). `facts`, when given, receives each row's `facts.row_facts`."""
     texts: list[str] = []
     prompts: list[str] = []
     plans: list[tuple] = []  # (fmt, row, Prepared or None, index into prompts or -1)
+    turns: list[int] = []  # assistant messages per row (1 for `text` rows)
     for fmt, row in pairs:
         if fmt == "text":
             texts.append(F.row_text(row))
             plans.append((fmt, row, None, -1))
+            turns.append(1)
             continue
         messages = F.to_messages(fmt, row, settings.options)
+        turns.append(sum(m.role == "assistant" for m in messages))
         with naming_row(row):
             prep = prepare_messages(template, messages, settings.train_on, F.row_tools(row),
-                                    settings.train_on_reasoning)
+                                    settings.train_on_reasoning, with_answer_mask=True)
         p = -1
         if prep.prompt_text is not None and prep.rendered.spans:
             p = len(prompts)
@@ -89,15 +95,17 @@ def encode_batch(pairs: list[tuple[str, Row]], tokenizer, template: Template,
     probed = probe_prompts(tokenizer, prompts, [(texts[i], full[i]) for i, plan in enumerate(plans) if plan[3] >= 0])
     eos = tokenizer.eos_token_id
     out = []
-    for (fmt, row, prep, p), (ids, offs) in zip(plans, full):
+    for k, ((fmt, row, prep, p), (ids, offs)) in enumerate(zip(plans, full)):
         if fmt == "text":
             ids = list(ids) + ([eos] if eos is not None else [])
             enc = Encoded(ids, list(ids))
         else:
             prompt = prompt_cut(len(prompts[p]), *probed[p]) if p >= 0 else None
-            enc = label_tokens(ids, offs, prep.rendered, prep.train_all, prompt)
+            enc = label_tokens(ids, offs, prep.rendered, prep.train_all, prompt, prep.answer_chars)
         with naming_row(row):
-            out.append(fit_encoded(fmt, row, enc, tokenizer, template, settings))
+            out.append(fit_encoded(fmt, row, enc, tokenizer, template, settings, with_answer_mask=True))
+        if facts is not None:
+            facts.append(row_facts(fmt, enc, out[-1][0], turns[k], eos))
     return out
 
 
@@ -156,7 +164,8 @@ def encode_chunk(pairs: list[tuple[str, Row]], tokenizer, template: Template, se
     labels: list[int] = []
     lengths: list[int] = []
     chunk = EncodedChunk(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int64), rows=len(pairs))
-    for (fmt, _), (enc, why) in zip(pairs, encode_batch(pairs, tokenizer, template, settings)):
+    facts: list[tuple] = []
+    for (fmt, _), (enc, why) in zip(pairs, encode_batch(pairs, tokenizer, template, settings, facts)):
         chunk.formats[fmt] += 1
         if enc is None:
             chunk.dropped[why] += 1
@@ -168,6 +177,7 @@ def encode_chunk(pairs: list[tuple[str, Row]], tokenizer, template: Template, se
     chunk.input_ids = np.asarray(ids, dtype=np.int32)
     chunk.labels = np.asarray(labels, dtype=np.int32)
     chunk.lengths = np.asarray(lengths, dtype=np.int64)
+    chunk.facts = np.asarray(facts, dtype=np.int32).reshape(len(pairs), -1)
     return chunk
 
 

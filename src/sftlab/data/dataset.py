@@ -38,7 +38,7 @@ from sftlab.data.tokenize import (
 )
 from sftlab.errors import DataError
 
-CACHE_VERSION = "3"  # 2: Arrow files; 3: with trained-token counts
+CACHE_VERSION = "4"  # 2: Arrow files; 3: with trained-token counts; 4: with per-row facts (rows.arrow)
 
 
 @dataclass
@@ -242,7 +242,7 @@ def tokenize_files(files: list[str], split: str, tokenizer, template: Template, 
         pairs = rewritten(pairs, rewrite, split)
         for chunk in encode_stream(pairs, tokenizer, template, settings, num_workers=num_workers,
                                    total=_rows_hint(files, max_samples), desc=f"tokenize {split}"):
-            writer.write(chunk.input_ids, chunk.labels, chunk.lengths)
+            writer.write(chunk.input_ids, chunk.labels, chunk.lengths, chunk.facts)
             summary.rows_read += chunk.rows
             summary.kept += len(chunk.lengths)
             summary.truncated += chunk.truncated

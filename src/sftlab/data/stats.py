@@ -1,8 +1,11 @@
-"""What one split holds, token by token, counted while streaming over its rows (no token list is kept).
+"""What one split holds, token by token: from the tokenized cache (`SplitStats.from_cache`, what the report uses) or
+row by row (`row_tokens` + `SplitStats.add`, the per-row reference the cache path is tested against).
 
-Every row is encoded exactly as training encodes it (`dataset.encode_row`, the one place that decides what is
-trained); rows longer than `cutoff_len` are also encoded whole, to tell what truncation cost. Per row, only a few
-lengths are kept (4 bytes each), for the distributions and the cost estimate.
+The reference encodes every row exactly as training encodes it (`dataset.encode_row`, the one place that decides
+what is trained); rows longer than `cutoff_len` are also encoded whole, to tell what truncation cost. The cache path
+reads the same numbers, in numpy, from the memory-mapped examples and the per-row facts tokenization stores beside
+them (`facts.row_facts`): nothing is encoded twice. Per row, only a few lengths are kept (4 bytes each), for the
+distributions and the cost estimate.
 
 Words used in the report:
 * prompt tokens: tokens that are not trained; answer tokens: trained tokens; both before truncation.
@@ -21,6 +24,7 @@ import numpy as np
 
 from sftlab.data import formats as F
 from sftlab.data.dataset import EncodeSettings, encode_row
+from sftlab.data.duplicates import row_content
 from sftlab.data.loader import Row
 from sftlab.data.templates import Template
 from sftlab.data.tokenize import IGNORE_INDEX, Encoded, encode_messages, encode_text
@@ -62,12 +66,12 @@ def row_tokens(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
         turns = 1
         if kept is not None:
             kept.answer_mask = _text_answer_mask(tokenizer, kept)
-        content = F.row_text(row)
+        content = row_content(fmt, row, s.options)
         full = kept if kept is not None and not kept.truncated else encode_text(tokenizer, content)
     else:
         messages = F.to_messages(fmt, row, s.options)
         turns = sum(m.role == "assistant" for m in messages)
-        content = "\n".join(m.content for m in messages)
+        content = row_content(fmt, row, s.options)
         whole = kept is None or kept.truncated
         full = (encode_messages(tokenizer, template, messages, s.train_on, F.row_tools(row), s.train_on_reasoning)
                 if whole else kept)
@@ -77,12 +81,13 @@ def row_tokens(fmt: str, row: Row, tokenizer, template: Template, s: EncodeSetti
 
 def distribution(values) -> dict[str, float]:
     """mean, median, p95 (nearest rank: the smallest value with at least 95% of values at or below it) and max."""
-    xs = sorted(values)
+    xs = np.sort(np.asarray(values, dtype=np.int64))
     n = len(xs)
     if n == 0:
         return {"mean": 0.0, "median": 0.0, "p95": 0, "max": 0}
-    median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-    return {"mean": round(sum(xs) / n, 2), "median": median, "p95": xs[math.ceil(0.95 * n) - 1], "max": xs[-1]}
+    median = int(xs[n // 2]) if n % 2 else (int(xs[n // 2 - 1]) + int(xs[n // 2])) / 2
+    return {"mean": round(int(xs.sum()) / n, 2), "median": median, "p95": int(xs[math.ceil(0.95 * n) - 1]),
+            "max": int(xs[-1])}
 
 
 @dataclass
@@ -108,6 +113,7 @@ class SplitStats:
     total_full: array = field(default_factory=lambda: array("I"))
     kept_lengths: array = field(default_factory=lambda: array("I"))  # tokens of each kept example, in row order
     kept_trained: array = field(default_factory=lambda: array("I"))  # its trained tokens
+    kept_rows: array = field(default_factory=lambda: array("I"))  # its row's index (0-based, reading order)
 
     def add(self, fmt: str, r: RowTokens) -> None:
         self.rows_read += 1
@@ -123,6 +129,7 @@ class SplitStats:
             self.dropped_tokens += r.total_full
             return
         self.kept += 1
+        self.kept_rows.append(self.rows_read - 1)
         self.kept_lengths.append(len(enc.input_ids))
         trained = np.asarray(enc.labels) != IGNORE_INDEX
         n_trained = int(trained.sum())
@@ -138,14 +145,40 @@ class SplitStats:
             self.answer_tokens_lost += max(lost, 0)
             self.prompt_tokens_lost += max(r.prompt_full - (len(enc.input_ids) - n_trained), 0)
 
+    @classmethod
+    def from_cache(cls, split: str, cutoff_len: int, facts: dict, lengths: np.ndarray, trained: np.ndarray,
+                   formats: dict[str, int], dropped: dict[str, int]) -> "SplitStats":
+        """The same numbers as `add` over every row, from the cache: `facts` (`facts.FACT_COLUMNS`, one entry per
+        row read), the kept examples' `lengths` and `trained` counts (in row order) and the summary's counts."""
+        f = {k: np.asarray(v, dtype=np.int64) for k, v in facts.items()}
+        kept = f["kept"].astype(bool)
+        if int(kept.sum()) != len(lengths):
+            raise ValueError(f"{split}: the cache's row facts ({int(kept.sum())} kept) do not match its "
+                             f"{len(lengths)} examples")
+        total = f["prompt_full"] + f["answer_full"]
+        lengths, trained = np.asarray(lengths, np.int64), np.asarray(trained, np.int64)
+        cut = f["truncated"][kept].astype(bool)
+        lost = f["answer_full"][kept][cut] - trained[cut]
+        prompt_lost = f["prompt_full"][kept][cut] - (lengths[cut] - trained[cut])
+        s = cls(split, cutoff_len, rows_read=len(total), kept=int(kept.sum()), truncated=int(cut.sum()),
+                dropped=Counter(dropped), formats=Counter(formats),
+                turns=Counter({int(k): int(v) for k, v in zip(*np.unique(f["turns"], return_counts=True))}),
+                over_cutoff=int((total > cutoff_len).sum()), answers_cut=int((lost > 0).sum()),
+                answer_tokens_lost=int(np.maximum(lost, 0).sum()),
+                prompt_tokens_lost=int(np.maximum(prompt_lost, 0).sum()),
+                dropped_tokens=int(total[~kept].sum()), tokens=int(lengths.sum()), trained_tokens=int(trained.sum()),
+                markup_tokens=int(f["markup"].sum()))
+        s.prompt_full, s.answer_full, s.total_full = f["prompt_full"], f["answer_full"], total
+        s.kept_lengths, s.kept_trained, s.kept_rows = lengths, trained, np.flatnonzero(kept)
+        return s
+
     def histogram(self, bins: int = 20) -> dict:
         """Counts of whole-row lengths in equal bins from 0 to max(longest row, cutoff_len)."""
-        top = max(max(self.total_full, default=0), self.cutoff_len, 1)
+        total = np.asarray(self.total_full, dtype=np.int64)
+        top = max(int(total.max()) if len(total) else 0, self.cutoff_len, 1)
         width = max(1, math.ceil(top / bins))
-        counts = [0] * bins
-        for n in self.total_full:
-            counts[min(n // width, bins - 1)] += 1
-        return {"bin_width": width, "edges": [i * width for i in range(bins + 1)], "counts": counts}
+        counts = np.bincount(np.minimum(total // width, bins - 1), minlength=bins)
+        return {"bin_width": width, "edges": [i * width for i in range(bins + 1)], "counts": counts.tolist()}
 
     def to_dict(self) -> dict:
         return {

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 EXAMPLES_FILE = "examples.arrow"
+ROWS_FILE = "rows.arrow"  # per row read (kept or dropped): `facts.FACT_COLUMNS`, for `sftlab data report`
 
 
 def _schema():
@@ -42,11 +43,16 @@ class ExampleWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.entry.parent))
         self._sink = pa.OSFile(str(self.tmp / EXAMPLES_FILE), "wb")
         self._writer = pa.ipc.new_stream(self._sink, _schema())
+        self._rows = None  # (sink, writer) of ROWS_FILE, opened with the first facts
 
-    def write(self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> None:
-        """Examples given as flat int32 arrays and the length of each."""
+    def write(self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
+              facts: np.ndarray | None = None) -> None:
+        """Examples given as flat int32 arrays and the length of each; `facts`: the chunk's per-row facts
+        (int32, one row per row read, columns `facts.FACT_COLUMNS`)."""
         import pyarrow as pa
 
+        if facts is not None and len(facts):
+            self._write_facts(facts)
         if len(lengths) == 0:
             return
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -57,9 +63,28 @@ class ExampleWriter:
         trained[np.asarray(lengths) == 0] = 0
         self._writer.write_batch(pa.record_batch([ids, lab, pa.array(trained, type=pa.int32())], schema=_schema()))
 
-    def commit(self, extra_files: dict[str, str]) -> Path:
+    def _write_facts(self, facts: np.ndarray) -> None:
+        import pyarrow as pa
+
+        from sftlab.data.facts import FACT_COLUMNS
+
+        schema = pa.schema([(c, pa.int32()) for c in FACT_COLUMNS])
+        if self._rows is None:
+            sink = pa.OSFile(str(self.tmp / ROWS_FILE), "wb")
+            self._rows = (sink, pa.ipc.new_stream(sink, schema))
+        cols = np.ascontiguousarray(np.asarray(facts, dtype=np.int32).T)
+        self._rows[1].write_batch(pa.record_batch([pa.array(c) for c in cols], schema=schema))
+
+    def _close(self) -> None:
         self._writer.close()
         self._sink.close()
+        if self._rows is not None:
+            self._rows[1].close()
+            self._rows[0].close()
+            self._rows = None
+
+    def commit(self, extra_files: dict[str, str]) -> Path:
+        self._close()
         for name, text in extra_files.items():
             (self.tmp / name).write_text(text)
         if self.entry.exists():
@@ -69,8 +94,7 @@ class ExampleWriter:
 
     def abort(self) -> None:
         try:
-            self._writer.close()
-            self._sink.close()
+            self._close()
         except Exception:  # already closed or broken: the directory goes either way
             pass
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -124,6 +148,17 @@ class TokenizedExamples(Sequence):
         if len(self._trained) == len(self._offsets):
             return np.concatenate(self._trained).astype(np.int64) if self._trained else np.zeros(0, np.int64)
         return np.asarray([sum(l != -100 for l in e["labels"]) for e in self], dtype=np.int64)
+
+    def row_facts(self) -> dict[str, np.ndarray] | None:
+        """Per row read, in reading order: `facts.FACT_COLUMNS` as int32 arrays (memory-mapped), or None when the
+        cache entry has none (written without them)."""
+        import pyarrow as pa
+
+        path = Path(self.path).parent / ROWS_FILE
+        if not path.is_file():
+            return None
+        table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+        return {name: table.column(name).to_numpy() for name in table.column_names}
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):

@@ -11,8 +11,9 @@
   The per-token activation constants are derived from what a decoder layer keeps for backward (see
   `_activation_bytes_per_token`).
 * Time: from a measured probe (`sftlab.probe`): a few real optimizer steps in a child process, the first on
-  the longest examples (it also gives the measured peak memory), the rest on random ones (they give seconds per
-  token).
+  the longest examples (the warm-up; it also gives the measured peak memory), the rest on typical batches, drawn
+  to hold the run's mean tokens per optimizer step (`report.probe_choice`): their seconds per token, measured
+  after the warm-up, times the run's tokens, plus the warm-up's extra.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from sftlab.data.collator import mask_mode_for_attention, split_spans
 from sftlab.data.packing import bfd_pack
 
-# Memory held per token of the tokenized training set while it trains: two Python lists (input_ids, labels) of
-# int objects, 8-byte slots plus ~28-byte ints, and the dict per example (measured here: ~75 bytes per token).
-DATA_BYTES_PER_TOKEN = 75
+# Memory held per token of the tokenized training set while it trains: the examples are a memory-mapped Arrow file
+# (sftlab.data.store), int32 input_ids and labels, whose pages count in the resident set once an epoch has read them.
+DATA_BYTES_PER_TOKEN = 8
 
 
 @dataclass
@@ -64,8 +65,8 @@ def plan_batches(lengths, trained_lengths, *, batch_size: int, grad_accum: int, 
                  world_size: int = 1) -> BatchPlan:
     """The batches one epoch of training forms from examples of these lengths (trained_lengths: their trained
     token counts, for the loss-head memory)."""
-    lengths = list(lengths)
-    trained_lengths = list(trained_lengths)
+    lengths = [int(n) for n in lengths]  # plain ints (numpy ones do not go into JSON)
+    trained_lengths = [int(n) for n in trained_lengths]
     if packing:
         rows = [[lengths[i] for i in b] for b in bfd_pack(lengths, cutoff_len)]
         row_trained = [sum(trained_lengths[i] for i in b) for b in bfd_pack(lengths, cutoff_len)]
@@ -282,8 +283,8 @@ def estimate_cost(cfg, lengths, trained_lengths, process_bytes: int, data_in_pro
 
 
 def add_probe(est: CostEstimate, probe: dict) -> None:
-    """Wall time from the probe: seconds per real token of its later (random) steps times the run's tokens, plus
-    the first step's extra (kernel builds, first-touch of memory) over what its tokens would take."""
+    """Wall time from the probe: seconds per real token of its later (typical, after warm-up) steps times the run's
+    tokens, plus the first step's extra (kernel builds, first-touch of memory) over what its tokens would take."""
     est.probe = probe
     steps = probe.get("steps") or []
     later = steps[1:]
