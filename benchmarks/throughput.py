@@ -50,7 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-CONFIGS = ("trl_default", "trl_fastest", "sftlab", "sftlab_packing")
+CONFIGS = ("trl_default", "trl_fastest", "llamafactory_fastest", "llamafactory_fp32", "sftlab", "sftlab_packing")
+LLAMAFACTORY = ("llamafactory_fastest", "llamafactory_fp32")
+BENCH_DIR = Path(__file__).resolve().parent
 MODES = ("lora", "full")
 LR = {"lora": 2e-4, "full": 2e-5}
 N_PARAMS = 134_515_008  # SmolLM2-135M, tied embedding / LM head
@@ -128,19 +130,36 @@ def packed_batch(train: Path, tokenizer, max_length: int, steps: int) -> int:
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------
-def bf16_matmul_peak(threads: int, n: int = 4096, reps: int = 4) -> float:
-    """Best-of bf16 matmul FLOP/s with this many threads (the MFU denominator)."""
+def matmul_peak(threads: int, dtype: str, max_n: int = 4096, budget_s: float = 0.25) -> float:
+    """Best-of matmul FLOP/s in this dtype with this many threads. The size doubles from 256 until one product
+    takes `budget_s` (or reaches max_n): CPUs without native bf16 (AVX2 only) run bf16 products ~10-100x slower
+    than fp32, and a fixed 4096 x 4096 product would take minutes there."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    dt = getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype])
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        if best >= budget_s or n >= max_n:
+            return 2 * n**3 / best
+        n *= 2
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16); without, bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def heldout_loss(model, tokenizer, eval_file: Path) -> float:
@@ -150,7 +169,9 @@ def heldout_loss(model, tokenizer, eval_file: Path) -> float:
 
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    # bf16 autocast where the CPU has native bf16; elsewhere emulated bf16 would make this evaluation take longer
+    # than the training it follows. The same choice for every configuration of a run.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16()):
         for line in open(eval_file):
             r = json.loads(line)
             prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True,
@@ -195,17 +216,36 @@ def make_recorder(tokenizer, eval_file: Path, out: dict):
     return Recorder()
 
 
+def real_positions(batch):
+    """Which positions hold a real token: a 0/1 or segment-numbered (LLaMA-Factory's neat packing) attention mask,
+    a 4-D mask where a real position may attend to itself (LLaMA-Factory's neat packing on sdpa), or all of them
+    (padding-free batches)."""
+    import torch
+
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    if mask.dim() == 2:
+        return mask != 0
+    diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    return diagonal == 0 if mask.is_floating_point() else diagonal.bool()
+
+
 class CountingWrapper:
-    """Wraps TRL's collator to count non-pad and trained (label != -100, after the shift) tokens."""
+    """Wraps a Trainer's collator to count non-pad tokens, trained tokens (label != -100, after the shift) and
+    examples (rows, or sequence starts where a batch carries position_ids) of the batches actually fed."""
 
     def __init__(self, inner):
-        self.inner, self.tokens, self.trained = inner, 0, 0
+        self.inner, self.tokens, self.trained, self.examples = inner, 0, 0, 0
 
     def __call__(self, features):
         batch = self.inner(features)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        real = real_positions(batch)
+        self.tokens += int(real.sum())
         self.trained += int((batch["labels"][:, 1:] != -100).sum())
+        positions = batch.get("position_ids")
+        starts = (positions == 0) & real if positions is not None and positions.shape == real.shape else None
+        self.examples += int(starts.sum()) if starts is not None else int(real.shape[0])
         return batch
 
 
@@ -237,7 +277,7 @@ def run_trl(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> dic
     trainer.data_collator = counter
     result = trainer.train()
     return dict(runtime=result.metrics["train_runtime"], tokens=counter.tokens, trained=counter.trained,
-                bf16=bool(trainer.args.bf16), gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
+                examples=counter.examples, bf16=bool(trainer.args.bf16), gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
 
 
 def run_sftlab(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> dict:
@@ -261,6 +301,81 @@ def run_sftlab(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> 
                 gradient_checkpointing=bool(cfg.training.gradient_checkpointing))
 
 
+# ---- LLaMA-Factory, in a virtual environment of its own -------------------------------------------------------
+def ensure_llamafactory(venv: Path) -> Path:
+    """Create (once) LLaMA-Factory's virtual environment with setup_llamafactory.sh; returns its CLI."""
+    subprocess.run(["bash", str(BENCH_DIR / "setup_llamafactory.sh"), str(venv)], check=True)
+    return venv / "bin" / "llamafactory-cli"
+
+
+def write_llamafactory_data(workdir: Path, train: Path) -> Path:
+    """The benchmark's training rows as a local LLaMA-Factory data set (sharegpt messages + dataset_info.json)."""
+    data_dir = workdir / "llamafactory_data"
+    data_dir.mkdir(exist_ok=True)
+    with open(train) as src, open(data_dir / "train.jsonl", "w") as dst:
+        for line in src:
+            r = json.loads(line)
+            dst.write(json.dumps({"messages": r["prompt"] + r["completion"]}) + "\n")
+    info = {"sftlab_bench": {"file_name": "train.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
+                             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                      "assistant_tag": "assistant"}}}
+    (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    return data_dir
+
+
+def llamafactory_config(name: str, mode: str, a, model_dir: str, data_dir: Path) -> dict:
+    """LLaMA-Factory's fastest CPU set-up: neat packing (packed rows, block-diagonal attention), no gradient
+    checkpointing (on by default there; memory is plentiful here, as for trl_fastest), bf16 or fp32."""
+    cfg = dict(model_name_or_path=model_dir, stage="sft", do_train=True, finetuning_type=mode,
+               dataset="sftlab_bench", dataset_dir=str(data_dir), template="smollm2", cutoff_len=a.max_length,
+               packing=True, neat_packing=True, overwrite_cache=True, dataloader_num_workers=0,
+               output_dir=f"{a.workdir}/{name}-{mode}", overwrite_output_dir=True, logging_steps=1,
+               save_strategy="no", plot_loss=False, report_to="none", disable_tqdm=True,
+               per_device_train_batch_size=a.packed_batch, gradient_accumulation_steps=1,
+               learning_rate=LR[mode], max_steps=a.steps, lr_scheduler_type="cosine", warmup_steps=0, seed=0,
+               bf16=name == "llamafactory_fastest", disable_gradient_checkpointing=True,
+               dataloader_pin_memory=False)
+    if mode == "lora":
+        cfg.update(lora_rank=16, lora_alpha=32, lora_dropout=0.0, lora_target="all")
+    return cfg
+
+
+def run_llamafactory(name: str, mode: str, a, cli: Path) -> dict:
+    """`llamafactory-cli train config.yaml` in LLaMA-Factory's environment, measured by llamafactory_probe/."""
+    from sftlab.models.bundled import bundled_model_dir
+
+    workdir = Path(a.workdir)
+    model_dir = str(bundled_model_dir())
+    data_dir = write_llamafactory_data(workdir, workdir / "train.jsonl")
+    config = workdir / f"{name}-{mode}.yaml"
+    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in
+                              llamafactory_config(name, mode, a, model_dir, data_dir).items()))
+    result_file = workdir / f"{name}-{mode}.result.json"
+    result_file.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(BENCH_DIR / "llamafactory_probe"), SFTLAB_BENCH_DIR=str(BENCH_DIR),
+               SFTLAB_BENCH_RESULT=str(result_file), SFTLAB_BENCH_MODEL=model_dir,
+               SFTLAB_BENCH_EVAL=str(workdir / "eval.jsonl"), OMP_NUM_THREADS=str(a.threads),
+               HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               DISABLE_VERSION_CHECK="1")
+    load0 = os.getloadavg()[0]
+    proc = subprocess.run([str(cli), "train", str(config)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not result_file.exists():
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode}); config {config}")
+    rec = json.loads(result_file.read_text())
+    return summarize(name, mode, rec, rec, load0)
+
+
+def summarize(name: str, mode: str, res: dict, rec: dict, load0: float) -> dict:
+    """One configuration's row: the run's figures plus losses, memory and load, the same for every library."""
+    losses = rec.get("losses", [])
+    tail = losses[-max(1, len(losses) // 4):]
+    res.update(config=name, mode=mode, train_peak_rss_gib=rec.get("train_peak_rss_gib"),
+               final_train_loss=sum(tail) / max(len(tail), 1), heldout_loss=rec.get("heldout_loss"),
+               steps=len(losses), load_before=load0, load_after=os.getloadavg()[0])
+    return res
+
+
 def run_one(a) -> None:
     """Child process: one configuration, results as JSON on the last stdout line."""
     import torch
@@ -271,13 +386,22 @@ def run_one(a) -> None:
     rec: dict = {}
     load0 = os.getloadavg()[0]
     res = (run_trl if name.startswith("trl") else run_sftlab)(name, mode, a, train, evals, rec)
-    losses = rec.get("losses", [])
-    tail = losses[-max(1, len(losses) // 4):]
-    res.update(config=name, mode=mode, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               train_peak_rss_gib=rec.get("train_peak_rss_gib"),
-               final_train_loss=sum(tail) / max(len(tail), 1), heldout_loss=rec.get("heldout_loss"),
-               steps=len(losses), load_before=load0, load_after=os.getloadavg()[0])
-    print("RESULT " + json.dumps(res), flush=True)
+    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(summarize(name, mode, res, rec, load0)), flush=True)
+
+
+def run_child(name: str, mode: str, a, workdir: Path) -> dict:
+    """A TRL or sftlab configuration in a subprocess of this environment (so peak RSS is its own)."""
+    cmd = [sys.executable, __file__, "--one", f"{name}:{mode}", "--workdir", str(workdir),
+           "--rows", str(a.rows), "--steps", str(a.steps), "--batch", str(a.batch),
+           "--max-length", str(a.max_length), "--threads", str(a.threads), "--packed-batch", str(a.packed_batch),
+           "--sftlab-args=" + a.sftlab_args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode})")
+    return json.loads(line[len("RESULT "):])
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -287,23 +411,31 @@ def table(results: list[dict], peak: float) -> str:
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
-        ref = next((r for r in rows if r["config"] == "trl_fastest"), None)
+        refs = [(label, next((r for r in rows if r["config"] == c), None))
+                for label, c in (("TRL fastest", "trl_fastest"), ("LLaMA-Factory fastest", "llamafactory_fastest"))]
+        refs = [(label, ref) for label, ref in refs if ref is not None]
         k = 6 if mode == "full" else 4
+        vs = "".join(f" trained tok/s vs {label} | RSS vs {label} |" for label, _ in refs)
         lines += [f"\n**{mode.upper()}**\n",
-                  "| config | trained tok/s | non-pad tok/s | trained tok/s vs TRL fastest | peak RSS training GiB "
-                  "| RSS vs TRL fastest | peak RSS process GiB | train loss (last 25%) | held-out loss | MFU | wall s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| config | trained tok/s | non-pad tok/s |{vs} peak RSS training GiB | peak RSS process GiB "
+                  "| train loss (last 25%) | held-out loss | MFU | wall s |",
+                  "|---|" + "---:|" * (9 + 2 * len(refs))]
         for r in rows:
             tps, nps = r["trained"] / r["runtime"], r["tokens"] / r["runtime"]
-            ratio = f"{tps / (ref['trained'] / ref['runtime']):.2f}x" if ref else "-"
-            train_rss = r.get("train_peak_rss_gib") or r["peak_rss_gib"]
-            ref_rss = (ref.get("train_peak_rss_gib") or ref["peak_rss_gib"]) if ref else None
-            rss = f"{train_rss / ref_rss:.2f}x" if ref else "-"
+            ratios = "".join(f" {tps / _tps(ref):.2f}x | {_train_rss(r) / _train_rss(ref):.2f}x |" for _, ref in refs)
             mfu = k * N_PARAMS * nps / peak
-            lines.append(f"| {r['config']} | {tps:.0f} | {nps:.0f} | {ratio} | {train_rss:.2f} | {rss} "
+            lines.append(f"| {r['config']} | {tps:.0f} | {nps:.0f} |{ratios} {_train_rss(r):.2f} "
                          f"| {r['peak_rss_gib']:.2f} | {r['final_train_loss']:.4f} | {r['heldout_loss']:.4f} "
                          f"| {100 * mfu:.1f}% | {r['runtime']:.0f} |")
     return "\n".join(lines)
+
+
+def _tps(r: dict) -> float:
+    return r["trained"] / r["runtime"]
+
+
+def _train_rss(r: dict) -> float:
+    return r.get("train_peak_rss_gib") or r["peak_rss_gib"]
 
 
 def main() -> None:
@@ -321,6 +453,8 @@ def main() -> None:
     p.add_argument("--sftlab-args", default="",
                    help="extra sftlab flags for the sftlab configurations, one string: "
                         "--sftlab-args='--max_tokens_per_forward 0'")
+    p.add_argument("--llamafactory-venv", default=str(BENCH_DIR / ".venv-llamafactory"),
+                   help="LLaMA-Factory's virtual environment, created by setup_llamafactory.sh when missing")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--packed-batch", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -337,47 +471,87 @@ def main() -> None:
 
     from sftlab.models.bundled import bundled_model_dir
 
+    configs = a.configs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"[bench] unknown --configs {unknown}; known: {', '.join(CONFIGS)}")
+    cli = ensure_llamafactory(Path(a.llamafactory_venv)) if set(configs) & set(LLAMAFACTORY) else None
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="sftlab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    a.workdir = str(workdir)
     train, _ = write_data(workdir, a.rows, a.eval_rows, a.max_length)
     tok = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
-    packed = packed_batch(train, tok, a.max_length, a.steps)
-    peak = bf16_matmul_peak(a.threads)
+    a.packed_batch = packed = packed_batch(train, tok, a.max_length, a.steps)
+    peaks = {dt: matmul_peak(a.threads, dt) for dt in ("bf16", "fp32")}
+    peak = max(peaks.values())  # the MFU denominator: the faster precision's matmul rate on this CPU
+    load_start = os.getloadavg()
     print(f"[bench] {a.rows} rows, {a.steps} steps, batch {a.batch} (packed: {packed} rows of {a.max_length}), "
-          f"{a.threads} threads, bf16 matmul peak {peak / 1e12:.2f} TFLOP/s, load {os.getloadavg()}", flush=True)
+          f"{a.threads} threads, matmul peak bf16 {peaks['bf16'] / 1e12:.3f} / fp32 {peaks['fp32'] / 1e12:.3f} "
+          f"TFLOP/s, load {load_start}", flush=True)
     results = []
     for mode in a.modes.split(","):
-        for name in a.configs.split(","):
-            cmd = [sys.executable, __file__, "--one", f"{name}:{mode}", "--workdir", str(workdir),
-                   "--rows", str(a.rows), "--steps", str(a.steps), "--batch", str(a.batch),
-                   "--max-length", str(a.max_length), "--threads", str(a.threads), "--packed-batch", str(packed),
-                   "--sftlab-args=" + a.sftlab_args]
+        for name in configs:
             t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-                raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode})")
-            r = json.loads(line[len("RESULT "):])
+            r = run_llamafactory(name, mode, a, cli) if name in LLAMAFACTORY else run_child(name, mode, a, workdir)
             results.append(r)
             print(f"[bench] {name}:{mode}: {r['trained'] / r['runtime']:.0f} trained tok/s, "
                   f"{r['tokens'] / r['runtime']:.0f} non-pad tok/s, {r['peak_rss_gib']:.2f} GiB, "
                   f"held-out {r['heldout_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    md = (f"sftlab vs TRL {_version('trl')} training throughput on the bundled SmolLM2-135M-Instruct "
-          f"({platform.processor() or platform.machine()}, {a.threads} threads, torch {_version('torch')}, "
-          f"transformers {_version('transformers')}): {a.rows} generated mixed-length examples, {a.steps} steps, "
-          f"batch {a.batch} examples (packed configs: {packed} rows of {a.max_length} per step), "
-          f"max_length {a.max_length}, LoRA r=16 on all linear layers (lr {LR['lora']}) / full FT (lr {LR['full']}), "
-          f"cosine schedule. bf16 matmul peak measured: {peak / 1e12:.2f} TFLOP/s. "
-          f"Load average during the runs: {min(r['load_before'] for r in results):.1f}-"
-          f"{max(r['load_after'] for r in results):.1f}.\n" + table(results, peak) + "\n")
+    lf = next((r for r in results if r["config"] in LLAMAFACTORY), None)
+    peers = f"TRL {_version('trl')}" + (f" and LLaMA-Factory {lf['versions']['llamafactory']}" if lf else "")
+    md = (f"sftlab vs {peers} training throughput on the bundled SmolLM2-135M-Instruct "
+          f"({_cpu_name()}, {a.threads} threads, torch {_version('torch')}, "
+          f"transformers {_version('transformers')}{_llamafactory_stack(lf)}): {a.rows} generated mixed-length "
+          f"examples, {a.steps} steps, batch {a.batch} examples (packed configs: {packed} rows of {a.max_length} "
+          f"per step), max_length {a.max_length}, LoRA r=16 on all linear layers (lr {LR['lora']}) / full FT "
+          f"(lr {LR['full']}), cosine schedule. Matmul peak measured: bf16 {peaks['bf16'] / 1e12:.3f}, fp32 "
+          f"{peaks['fp32'] / 1e12:.3f} TFLOP/s (MFU against the larger). "
+          f"Load average (1 min) at the start: {load_start[0]:.1f}; during the runs: "
+          f"{min(r['load_before'] for r in results):.1f}-{max(r['load_after'] for r in results):.1f}.\n"
+          + table(results, peak) + "\n" + peer_ratios(results))
     print(md)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(rows=a.rows, steps=a.steps, batch=a.batch, packed_batch=packed, max_length=a.max_length,
-                threads=a.threads, bf16_peak_flops=peak, n_params=N_PARAMS)
+                threads=a.threads, bf16_peak_flops=peaks['bf16'],
+                fp32_peak_flops=peaks['fp32'], n_params=N_PARAMS, cpu=_cpu_name(), load_start=load_start)
     out.with_suffix(".json").write_text(json.dumps({"settings": meta, "results": results}, indent=1))
     out.with_suffix(".md").write_text(md)
+
+
+def peer_ratios(results: list[dict]) -> str:
+    """sftlab's trained tokens/s and training RSS over each LLaMA-Factory row of the same mode."""
+    lines = []
+    for mode in MODES:
+        for lf in (r for r in results if r["mode"] == mode and r["config"] in LLAMAFACTORY):
+            for ours in (r for r in results if r["mode"] == mode and r["config"].startswith("sftlab")):
+                lines.append(f"* {mode}: {ours['config']} / {lf['config']}: {_tps(ours) / _tps(lf):.2f}x trained "
+                             f"tok/s at {_train_rss(ours) / _train_rss(lf):.2f}x the training RSS")
+    return ("\nsftlab against LLaMA-Factory (the aim: 2x its fastest configuration's trained tok/s):\n\n"
+            + "\n".join(lines) + "\n") if lines else ""
+
+
+def _llamafactory_stack(lf: dict | None) -> str:
+    if lf is None:
+        return ""
+    v = lf["versions"]
+    return (f"; LLaMA-Factory in its own environment: llamafactory {v['llamafactory']}, torch {v['torch']}, "
+            f"transformers {v['transformers']}, peft {v['peft']}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return name
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags] or ["avx2" if "avx2" in flags else "-"]
+    return f"{name}, {'/'.join(isa)}"
 
 
 def _version(pkg: str) -> str:
