@@ -277,7 +277,8 @@ def run_trl(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> dic
     trainer.data_collator = counter
     result = trainer.train()
     return dict(runtime=result.metrics["train_runtime"], tokens=counter.tokens, trained=counter.trained,
-                examples=counter.examples, bf16=bool(trainer.args.bf16), gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
+                examples=counter.examples, bf16=bool(trainer.args.bf16),
+                gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
 
 
 def run_sftlab(name: str, mode: str, a, train: Path, evals: Path, rec: dict) -> dict:
@@ -358,12 +359,23 @@ def run_llamafactory(name: str, mode: str, a, cli: Path) -> dict:
                HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                DISABLE_VERSION_CHECK="1")
     load0 = os.getloadavg()[0]
-    proc = subprocess.run([str(cli), "train", str(config)], env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([str(cli), "train", str(config)], env=env, capture_output=True, text=True,
+                              timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return unfinished(name, mode, a, load0)
     if proc.returncode != 0 or not result_file.exists():
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode}); config {config}")
     rec = json.loads(result_file.read_text())
     return summarize(name, mode, rec, rec, load0)
+
+
+def unfinished(name: str, mode: str, a, load0: float) -> dict:
+    """The row of a configuration that did not finish within --timeout seconds (its process was killed)."""
+    print(f"[bench] {name}:{mode} did not finish within {a.timeout:.0f} s", flush=True)
+    return dict(config=name, mode=mode, unfinished_after_s=a.timeout, load_before=load0,
+                load_after=os.getloadavg()[0])
 
 
 def summarize(name: str, mode: str, res: dict, rec: dict, load0: float) -> dict:
@@ -396,7 +408,11 @@ def run_child(name: str, mode: str, a, workdir: Path) -> dict:
            "--rows", str(a.rows), "--steps", str(a.steps), "--batch", str(a.batch),
            "--max-length", str(a.max_length), "--threads", str(a.threads), "--packed-batch", str(a.packed_batch),
            "--sftlab-args=" + a.sftlab_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    load0 = os.getloadavg()[0]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return unfinished(name, mode, a, load0)
     line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -411,7 +427,8 @@ def table(results: list[dict], peak: float) -> str:
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
-        refs = [(label, next((r for r in rows if r["config"] == c), None))
+        done = [r for r in rows if "runtime" in r]
+        refs = [(label, next((r for r in done if r["config"] == c), None))
                 for label, c in (("TRL fastest", "trl_fastest"), ("LLaMA-Factory fastest", "llamafactory_fastest"))]
         refs = [(label, ref) for label, ref in refs if ref is not None]
         k = 6 if mode == "full" else 4
@@ -421,6 +438,10 @@ def table(results: list[dict], peak: float) -> str:
                   "| train loss (last 25%) | held-out loss | MFU | wall s |",
                   "|---|" + "---:|" * (9 + 2 * len(refs))]
         for r in rows:
+            if "runtime" not in r:
+                lines.append(f"| {r['config']} | did not finish {r['unfinished_after_s']:.0f} s |"
+                             + " |" * (8 + 2 * len(refs)))
+                continue
             tps, nps = r["trained"] / r["runtime"], r["tokens"] / r["runtime"]
             ratios = "".join(f" {tps / _tps(ref):.2f}x | {_train_rss(r) / _train_rss(ref):.2f}x |" for _, ref in refs)
             mfu = k * N_PARAMS * nps / peak
@@ -455,6 +476,8 @@ def main() -> None:
                         "--sftlab-args='--max_tokens_per_forward 0'")
     p.add_argument("--llamafactory-venv", default=str(BENCH_DIR / ".venv-llamafactory"),
                    help="LLaMA-Factory's virtual environment, created by setup_llamafactory.sh when missing")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per configuration; one that runs longer is killed and reported as unfinished")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--packed-batch", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -494,6 +517,8 @@ def main() -> None:
             t0 = time.time()
             r = run_llamafactory(name, mode, a, cli) if name in LLAMAFACTORY else run_child(name, mode, a, workdir)
             results.append(r)
+            if "runtime" not in r:
+                continue
             print(f"[bench] {name}:{mode}: {r['trained'] / r['runtime']:.0f} trained tok/s, "
                   f"{r['tokens'] / r['runtime']:.0f} non-pad tok/s, {r['peak_rss_gib']:.2f} GiB, "
                   f"held-out {r['heldout_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
@@ -523,8 +548,9 @@ def peer_ratios(results: list[dict]) -> str:
     """sftlab's trained tokens/s and training RSS over each LLaMA-Factory row of the same mode."""
     lines = []
     for mode in MODES:
-        for lf in (r for r in results if r["mode"] == mode and r["config"] in LLAMAFACTORY):
-            for ours in (r for r in results if r["mode"] == mode and r["config"].startswith("sftlab")):
+        done = [r for r in results if r["mode"] == mode and "runtime" in r]
+        for lf in (r for r in done if r["config"] in LLAMAFACTORY):
+            for ours in (r for r in done if r["config"].startswith("sftlab")):
                 lines.append(f"* {mode}: {ours['config']} / {lf['config']}: {_tps(ours) / _tps(lf):.2f}x trained "
                              f"tok/s at {_train_rss(ours) / _train_rss(lf):.2f}x the training RSS")
     return ("\nsftlab against LLaMA-Factory (the aim: 2x its fastest configuration's trained tok/s):\n\n"
