@@ -584,8 +584,8 @@ def check_streaming(cfg: Config) -> None:
         raise ConfigError("val_size cannot be split off a stream (its rows are not known ahead); with "
                           "streaming: true give the evaluation rows as eval_file")
     if d.rqa_context == "retrieved":
-        raise ConfigError("rqa_context: retrieved rewrites the data files before tokenization, which streaming "
-                          "does not do; use streaming: false")
+        raise ConfigError("rqa_context: retrieved needs the retriever beside the rows before they are encoded, and "
+                          "streaming encodes them in the dataloader workers; use streaming: false")
 
 
 def _default_phases(cfg: Config) -> None:

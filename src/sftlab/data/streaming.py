@@ -206,7 +206,8 @@ class Position:
 
 @dataclass
 class StreamStats:
-    """What one shard did with its rows (read in-process; the workers' counts are not gathered)."""
+    """What one shard did with its rows since its iteration began (a worker's counts travel with each of its items
+    under COUNTS_KEY, and `StreamTracker.summary` adds them up)."""
 
     rows_read: int = 0
     kept: int = 0
