@@ -83,3 +83,17 @@ def test_model_paths(tmp_path, model, ok):
     else:
         with pytest.raises(ConfigError, match="model_name_or_path"):
             form.check_model_path(tmp_path, model)
+
+
+def test_streaming_is_a_form_field_and_its_preview_does_not_tokenize_the_stream(tmp_path, monkeypatch):
+    assert "streaming" in all_fields()
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n')
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("a streamed training set must not be tokenized ahead")
+
+    monkeypatch.setattr("sftlab.report.data_report", no_tokenizing)
+    cfg = parse_config(["--train_file", str(data), "--streaming", "true", "--max_steps", "5"])
+    assert form.data_summary(cfg) == ["[train] streaming: the rows are read and tokenized during training "
+                                      "(docs/STREAMING.md)"]

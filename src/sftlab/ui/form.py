@@ -200,6 +200,8 @@ def preview_rows(argv: list[str], n: int = 3) -> list[dict[str, Any]]:
 
 def data_summary(cfg) -> list[str]:
     """The data report's summary when sftlab has one, else the tokenizer's per-split summary line."""
+    if cfg.data.streaming:  # the rows are read while training; tokenizing them all here is what streaming avoids
+        return ["[train] streaming: the rows are read and tokenized during training (docs/STREAMING.md)"]
     try:
         from sftlab.report import data_report
     except ImportError:
