@@ -129,3 +129,25 @@ def test_torchrun_then_accelerate_resume_match_one_process(tmp_path, model_dir, 
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
     with capsys.disabled():
         _compare_with_one_process(out, ref, "accelerate launch 2x2 (resumed at step 4) vs 1x4")
+
+
+def test_torchrun_streaming_two_ranks_match_one_process(tmp_path, model_dir, data_file, capsys):
+    """`streaming: true` shards rows by rank itself (its DataLoader is not wrapped by accelerate): rank r reads rows
+    i % 2 == r, so 2 ranks x 2 rows per step see the rows 1 process x 4 rows sees, in the same steps."""
+    from tests.reliability.conftest import run_inprocess
+
+    one = tmp_path / "one"
+    assert run_inprocess(train_argv(model_dir, data_file, str(one), str(tmp_path / "c1"), streaming="true")) == 0
+    out = tmp_path / "two"
+    argv = train_argv(model_dir, data_file, str(out), str(tmp_path / "c2"), streaming="true",
+                      per_device_train_batch_size=2)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    log = _launch([torchrun, "--nproc_per_node", "2", "-m", "sftlab", "train", *argv], probe, tmp_path)
+    assert "[train, streamed] rows read" in log
+    # Nothing was tokenized ahead, and each rank recorded its own stream position in the checkpoint.
+    assert _calls(probe, "tokenize_files") == {} and not (tmp_path / "c2").exists()
+    assert {"stream_state_0.json", "stream_state_1.json"} <= {p.name for p in (out / f"checkpoint-{SAVE_STEPS}").iterdir()}
+    with capsys.disabled():
+        _compare_with_one_process(out, str(one), "torchrun streaming 2x2 vs 1x4")
