@@ -2,7 +2,8 @@
 
 The rows are data_prep.py's mix (``messages`` rows of 1-3 exchanges, 30% with a system prompt), plus an eval file
 of 2,000 rows with a known overlap: 100 exact copies of training rows (case and spacing changed), 100 near copies
-(one word in 40 changed, rows of 120+ words) and 1,800 fresh rows. Each size is reported twice through the real
+(one word in 40 of the last message changed, rows of 120+ words; their exact Jaccard similarity is computed, so the
+known count of near copies at the 0.8 threshold is exact) and 1,800 fresh rows. Each size is reported twice through the real
 entry point (``sftlab data report cfg.yaml --no_probe``, a subprocess): cold (an empty data cache: tokenization,
 statistics and the duplicate scan) and warm (the cache present, as after ``sftlab train`` or an earlier report:
 statistics from the memory-mapped cache and the duplicate scan). Measured: wall seconds, CPU seconds of the report
@@ -38,20 +39,27 @@ EVAL_ROWS, EXACT, NEAR = 2000, 100, 100
 CUTOFF = 1024
 
 
-def write_eval(train: Path, out: Path, seed: int = 1) -> dict:
-    """Eval rows: EXACT exact copies and NEAR near copies of training rows, the rest fresh; returns the counts."""
-    if out.is_file():
-        return json.loads(out.with_suffix(".json").read_text())
-    rng = random.Random(seed)
+def _picked(train: Path) -> list[tuple[int, dict]]:
+    """(line, row) of the training rows the eval copies are made from: every 97th row with 120+ words."""
     picked = []
     with open(train, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if i % 97 == 3:
+        for i, line in enumerate(fh, start=1):
+            if i % 97 == 4:
                 row = json.loads(line)
                 if len(" ".join(m["content"] for m in row["messages"]).split()) >= 120:
-                    picked.append(row)
+                    picked.append((i, row))
             if len(picked) == EXACT + NEAR:
                 break
+    return picked
+
+
+def write_eval(train: Path, out: Path, seed: int = 1) -> None:
+    """Eval rows: EXACT exact copies (case and spacing changed) and NEAR near copies (one word in 40 of the last
+    message changed) of training rows, the rest fresh."""
+    if out.is_file():
+        return
+    rng = random.Random(seed)
+    picked = [row for _, row in _picked(train)]
     rows = []
     for row in picked[:EXACT]:
         rows.append({"messages": [dict(m, content=m["content"].upper().replace(" ", "  ")) for m in row["messages"]]})
@@ -66,9 +74,25 @@ def write_eval(train: Path, out: Path, seed: int = 1) -> dict:
     rng_fresh = random.Random(seed + 100)
     rows += [make_row(rng_fresh) for _ in range(EVAL_ROWS - len(rows))]
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    meta = {"rows": len(rows), "exact_copies": EXACT, "near_copies": NEAR}
-    out.with_suffix(".json").write_text(json.dumps(meta))
-    return meta
+
+
+def known_overlap(train: Path, eval_file: Path, threshold: float = 0.8) -> dict:
+    """What the eval file repeats, computed exactly: exact copies, and near copies whose true Jaccard similarity of
+    word 3-shingles with their training row is >= threshold (the report estimates it by MinHash)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from sftlab.data.duplicates import normalise, shingles
+
+    def text(row: dict) -> str:
+        return "\n".join(m["content"] for m in row["messages"])
+
+    with open(eval_file, encoding="utf-8") as fh:
+        copies = [json.loads(l) for _, l in zip(range(EXACT + NEAR), fh)]
+    jac = []
+    for (_, original), copy in zip(_picked(train)[EXACT:], copies[EXACT:]):
+        a, b = shingles(normalise(text(original))), shingles(normalise(text(copy)))
+        jac.append(len(a & b) / len(a | b))
+    return {"exact": EXACT, "near_copies": NEAR, "near_at_or_above_threshold": sum(j >= threshold for j in jac),
+            "near_jaccard_min_max": [round(min(jac), 3), round(max(jac), 3)]}
 
 
 def run_report(cfg: Path, out: Path) -> dict:
@@ -101,7 +125,7 @@ def run_report(cfg: Path, out: Path) -> dict:
             "peak_rss_largest_process_gib": round(largest / 2**30, 2),
             "peak_rss_tree_gib": round(tree_peak / 2**30, 2), "load_before": round(load, 1),
             "load_after": round(os.getloadavg()[0], 1), "timings": data["timings"],
-            "summary": [l for l in output.splitlines() if l.startswith(("[", "cost"))],
+            "summary": [l for l in output.splitlines() if l.startswith(("[", "cost")) and "|" not in l],
             "train": {k: data["splits"]["train"][k] for k in ("rows_read", "kept", "truncated", "tokens",
                                                               "trained_tokens", "markup_tokens", "answers_cut")},
             "duplicates": {k: {"exact": v["exact"], "near": v["near"]} for k, v in data["duplicates"].items()}}
@@ -120,12 +144,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['cpu']}; the machine is shared with other jobs (load averages per run below). Generated "
              f"`messages` rows (1-3 exchanges, 30% with a system prompt, data_prep.py's mix), bundled SmolLM2 "
              f"tokenizer and template, cutoff_len {CUTOFF}, `preprocessing_num_workers: {meta['workers']}`, "
-             f"`--no_probe`. Eval file: {EVAL_ROWS} rows, {EXACT} exact and {NEAR} near copies of training rows. "
+             f"`--no_probe`. Eval file: {EVAL_ROWS} rows, {EXACT} exact and {NEAR} near copies of training rows "
+             "(known near = those whose exact Jaccard similarity of word 3-shingles is >= 0.8). "
              "cold = empty data cache (tokenize + statistics + duplicates); warm = the cache present (as after "
              "`sftlab train` or an earlier report). CPU s = user + system of the report and its workers.", "",
              "| rows | cache | wall s | CPU s | tokens s | duplicates s | peak RSS, largest process GiB | "
-             "peak RSS, process tree GiB | load avg before / after | eval exact / near found |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "peak RSS, process tree GiB | load avg before / after | eval exact / near found | known exact / near |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         t = r["timings"]
         tok = sum(v for k, v in t.items() if k.endswith("_tokens_seconds"))
@@ -133,7 +158,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ev = r["duplicates"].get("eval", {})
         lines.append(f"| {r['rows']:,} | {r['cache']} | {r['wall_s']} | {r['cpu_s']} | {tok:.1f} | {dup:.1f} | "
                      f"{r['peak_rss_largest_process_gib']} | {r['peak_rss_tree_gib']} | {r['load_before']} / "
-                     f"{r['load_after']} | {ev.get('exact')} / {ev.get('near')} |")
+                     f"{r['load_after']} | {ev.get('exact')} / {ev.get('near')} | {r['expected_eval']['exact']} / "
+                     f"{r['expected_eval']['near_at_or_above_threshold']} |")
     lines += ["", "Produced by `python benchmarks/report_scale.py`; every number and the printed summaries are in "
               "report_scale.json.", ""]
     return "\n".join(lines)
@@ -154,7 +180,8 @@ def main() -> None:
     for n in [int(x) for x in a.sizes.split(",") if x]:
         train = write_data(work / f"train{n}.jsonl", n)
         eval_file = work / f"eval{n}.jsonl"
-        expected = write_eval(train, eval_file)
+        write_eval(train, eval_file)
+        expected = known_overlap(train, eval_file)
         cache = work / f"cache{n}"
         shutil.rmtree(cache, ignore_errors=True)
         cfg = write_config(work, train, eval_file, cache, a.workers)

@@ -247,6 +247,41 @@ def _row_lengths(stats: SplitStats) -> np.ndarray:
     return out
 
 
+def _scan_splits(cfg: Config, tokenizer, template, settings, index: DuplicateIndex, removal: dict[str, dict[int, str]],
+                 report: Report, probe: bool, log: Callable[[str], None]) -> ProbeRows | None:
+    """Each split's statistics (from the tokenized cache) and duplicates into `report`; the probe's rows."""
+    d, t = cfg.data, cfg.training
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    pool = _fingerprint_pool(d.preprocessing_num_workers or 0)
+    probe_rows = None
+    try:
+        for name, attr in SPLITS:
+            files = getattr(d, attr) or []
+            if not files:
+                continue
+            t0 = time.perf_counter()
+            stats = _tokenized_stats(name, files, cfg, tokenizer, template, settings)
+            report.timings[f"{name}_tokens_seconds"] = round(time.perf_counter() - t0, 2)
+            log(f"[{name}] {stats.rows_read} rows: token statistics in {report.timings[f'{name}_tokens_seconds']} s")
+            longest, sample = (probe_choice(_row_lengths(stats), per_step, t.seed) if probe and name == "train"
+                               else ([], []))
+            t0 = time.perf_counter()
+            dups, picked, n = _scan_duplicates(name, files, cfg, settings, index, removal, pool,
+                                               set(longest) | set(sample), log)
+            if n != stats.rows_read:
+                raise DataError(f"{name}: {n} rows read for duplicates but {stats.rows_read} tokenized (did the "
+                                f"files change while the report ran?)", file=", ".join(files))
+            report.timings[f"{name}_duplicates_seconds"] = round(time.perf_counter() - t0, 2)
+            log(f"[{name}] duplicates in {report.timings[f'{name}_duplicates_seconds']} s")
+            report.splits[name], report.duplicates[name] = stats, dups
+            if name == "train" and probe:
+                probe_rows = _probe_rows(stats, picked, longest, sample, per_step)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return probe_rows
+
+
 def _settings(cfg: Config, template) -> dict[str, Any]:
     d, t, f = cfg.data, cfg.training, cfg.finetuning
     return {
@@ -287,38 +322,9 @@ def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, pr
     if d.val_size:
         report.notes.append(f"val_size={d.val_size}: the eval split is drawn from these training rows at random; "
                             "the train figures include them")
-    t = cfg.training
     index = DuplicateIndex(threshold=near_threshold)
     removal: dict[str, dict[int, str]] = {}
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    workers = d.preprocessing_num_workers or 0
-    pool = _fingerprint_pool(workers)
-    probe_rows = None
-    try:
-        for name, attr in SPLITS:
-            files = getattr(d, attr) or []
-            if not files:
-                continue
-            t0 = time.perf_counter()
-            stats = _tokenized_stats(name, files, cfg, tokenizer, template, settings)
-            report.timings[f"{name}_tokens_seconds"] = round(time.perf_counter() - t0, 2)
-            log(f"[{name}] {stats.rows_read} rows: token statistics in {report.timings[f'{name}_tokens_seconds']} s")
-            longest, sample = probe_choice(_row_lengths(stats), per_step, t.seed) if probe and name == "train" \
-                else ([], [])
-            t0 = time.perf_counter()
-            dups, picked, n = _scan_duplicates(name, files, cfg, settings, index, removal, pool,
-                                               set(longest) | set(sample), log)
-            if n != stats.rows_read:
-                raise DataError(f"{name}: {n} rows read for duplicates but {stats.rows_read} tokenized (did the "
-                                f"files change while the report ran?)", file=", ".join(files))
-            report.timings[f"{name}_duplicates_seconds"] = round(time.perf_counter() - t0, 2)
-            log(f"[{name}] duplicates in {report.timings[f'{name}_duplicates_seconds']} s")
-            report.splits[name], report.duplicates[name] = stats, dups
-            if name == "train" and probe:
-                probe_rows = _probe_rows(stats, picked, longest, sample, per_step)
-    finally:
-        if pool is not None:
-            pool.terminate()
+    probe_rows = _scan_splits(cfg, tokenizer, template, settings, index, removal, report, probe, log)
     if dedup:
         report.dedup = _write_dedup(d.train_file, removal, Path(out_dir) / "dedup")
     train = report.splits["train"]
