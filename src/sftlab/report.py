@@ -319,6 +319,9 @@ def data_report(cfg: Config, out_dir: str | None = None, dedup: bool = False, pr
     report = Report(_settings(cfg, template))
     if d.rqa_context == "retrieved":
         report.notes.append("rqa_context=retrieved: rows are reported with their gold passages, not retrieved ones")
+    if getattr(d, "streaming", False):
+        report.notes.append("streaming=true: training tokenizes as it reads; the report tokenized the files into the "
+                            "data cache for its statistics (training does not use that cache)")
     if d.val_size:
         report.notes.append(f"val_size={d.val_size}: the eval split is drawn from these training rows at random; "
                             "the train figures include them")

@@ -74,3 +74,22 @@ def test_write_deduplicated_jsonl_and_json(tmp_path):
 
     with pytest.raises(ConfigError, match="only .jsonl and .json"):
         write_deduplicated(str(tmp_path / "x.csv"), set(), tmp_path / "out")
+
+
+def test_numpy_shingle_hashes_are_the_shingle_sets():
+    """The hashes computed in numpy for a batch of texts stand for exactly their `shingles` sets: as many distinct
+    hashes as shingles, and two texts share as many hashes as shingles (texts with repeated words, short texts,
+    an empty one and non-ASCII words included)."""
+    from sftlab.data.duplicates import shingle_hashes
+
+    rng = random.Random(5)
+    vocab = ["a", "b", "c", "dé", "東京", "xyz", "ab", "ba"]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 40))) for _ in range(60)] + ["", "a", "a b"]
+    norms = [normalise(t) for t in texts]
+    hashes, first = shingle_hashes(norms)
+    bounds = list(first) + [len(hashes)]
+    sets = [set(hashes[bounds[i]:bounds[i + 1]].tolist()) for i in range(len(norms))]
+    for i in range(len(norms)):
+        assert len(sets[i]) == len(shingles(norms[i]))
+        for j in range(i):
+            assert len(sets[i] & sets[j]) == len(shingles(norms[i]) & shingles(norms[j])), (norms[i], norms[j])

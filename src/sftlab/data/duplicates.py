@@ -70,7 +70,7 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 def shingle_hashes(norms: list[str], k: int = SHINGLE_WORDS) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes (as uint64) of every k-word shingle of each normalised text (one hash of the whole text when it
-    has k words or fewer, as `shingles`), and the index of the first hash of each text. A text's shingle set maps
+    has fewer than k words, as `shingles`), and the index of the first hash of each text. A text's shingle set maps
     to its set of hashes; repeated shingles repeat a hash, which a minimum does not mind."""
     data = np.frombuffer("\n".join(norms).encode(), dtype=np.uint8)
     n = len(data)
@@ -89,17 +89,17 @@ def shingle_hashes(norms: list[str], k: int = SHINGLE_WORDS) -> tuple[np.ndarray
         count = np.bincount(text_of, minlength=len(norms))
         first = np.concatenate([[0], np.cumsum(count)[:-1]])
         out, owner = [], []
-        full = np.flatnonzero(count > k)
+        full = np.flatnonzero(count >= k)
         if len(full):
             i = np.arange(len(words) - k + 1)
-            ok = (text_of[i] == text_of[i + k - 1]) & (count[text_of[i]] > k)
+            ok = (text_of[i] == text_of[i + k - 1]) & (count[text_of[i]] >= k)
             i = i[ok]
             h = words[i] * _MIX[0]
             for j in range(1, k):
                 h = h + words[i + j] * _MIX[j]
             out.append(h)
             owner.append(text_of[i])
-        for t in np.flatnonzero(count <= k):  # short texts: one hash of all their words
+        for t in np.flatnonzero(count < k):  # short texts: one hash of all their words
             w = words[first[t]:first[t] + count[t]]
             h = (w * _MIX[:len(w)]).sum(dtype=np.uint64) + np.uint64(0xA0761D6478BD642F)
             out.append(np.asarray([h], dtype=np.uint64))
