@@ -197,3 +197,12 @@ def test_tool_calls_and_reasoning_same_as_reference(tmp_path, smol_tokenizer):
             s = EncodeSettings("completion", 4096, "keep_answer", None, {}, FormatOptions(),
                                train_on_reasoning=train_on_reasoning)
             check_same([str(f)], smol_tokenizer, template, s, tmp_path / f"{i}-{train_on_reasoning}")
+
+
+def test_no_more_tokenization_processes_than_cpus(monkeypatch):
+    from sftlab.data import batched
+
+    monkeypatch.setattr(batched.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [batched.usable_workers(n) for n in (None, 0, 1, 2, 16)] == [0, 0, 0, 2, 2]
+    monkeypatch.setattr(batched.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert batched.usable_workers(16) == 8 and batched.usable_workers(3) == 3

@@ -171,8 +171,9 @@ def test_retrieved_context_is_added_in_memory_with_the_tokens_of_the_rewritten_f
     docs = load_documents(DOCS_JSONL)
     k, seed = 3, 5
     written: dict[str, Path] = {}
-    for name, source, n in (("train", TRAIN, 10), ("eval", EVAL, 4), ("test", TEST, 4)):
-        rows = _jsonl(source)[:n]
+    for name, source, n in (("train", TRAIN, 6), ("eval", EVAL, 3), ("test", TEST, 3)):
+        every = _jsonl(source)
+        rows = ([r for r in every if r["chat_history"]][:n // 2] + [r for r in every if not r["chat_history"]])[:n]
         path = tmp_path / f"{name}.jsonl"
         path.write_text(json.dumps(rows[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in rows[1:]))
         expected = tmp_path / "expected" / f"{name}.jsonl"

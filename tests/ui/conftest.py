@@ -67,7 +67,7 @@ def running_app(workspace: Path, *extra: str):
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     printed = ""
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # a loaded 2-core machine was seen to take over 60 s
         while time.time() < deadline:
             line = proc.stdout.readline()
             if not line:

@@ -214,8 +214,9 @@ def encode_stream(pairs: Iterable[tuple[str, Row]], tokenizer, template: Templat
     At most two chunks per worker are in flight, so rows are read only as fast as they are tokenized. A DataError
     in a worker (a bad row) is raised here with its file, line and field."""
     bar = _Progress(total, desc)
+    num_workers = usable_workers(num_workers)
     try:
-        if not num_workers or num_workers <= 1:
+        if num_workers <= 1:
             for chunk in _chunks(pairs, chunk_rows):
                 done = encode_chunk(chunk, tokenizer, template, settings)
                 bar.update(done.rows)
@@ -237,6 +238,15 @@ def encode_stream(pairs: Iterable[tuple[str, Row]], tokenizer, template: Templat
                 yield done
     finally:
         bar.close()
+
+
+def usable_workers(requested: int | None) -> int:
+    """``preprocessing_num_workers``, but at most one process per CPU this process may run on: more only take turns
+    on the same cores, each starting up and loading the tokenizer (LLaMA-Factory's example asks for 16)."""
+    if not requested or requested <= 1:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(requested, cpus)
 
 
 class _Progress:
