@@ -105,6 +105,7 @@ def repeat_file(src: Path, dst: Path, times: int) -> Path:
 def _usage() -> dict:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+            "main_cpu_s": me.ru_utime + me.ru_stime,
             "peak_rss_gib": max(me.ru_maxrss, kids.ru_maxrss) / 2**20}
 
 
@@ -133,12 +134,13 @@ def child_sftlab(data: str, procs: int, cache: str) -> dict:
 
     tok = _tokenizer()
     template = load_template(None, tok)
-    start_cpu, t0 = _usage()["cpu_s"], time.perf_counter()
+    start, t0, load0 = _usage(), time.perf_counter(), os.getloadavg()[0]
     ex, summary = tokenize_files([data], "train", tok, template, _settings(), num_workers=procs, cache_dir=cache,
                                  overwrite_cache=True)
     wall = time.perf_counter() - t0
     u = _usage()
-    return {"wall_s": wall, "cpu_s": u["cpu_s"] - start_cpu, "peak_rss_gib": u["peak_rss_gib"],
+    return {"wall_s": wall, "cpu_s": u["cpu_s"] - start["cpu_s"], "main_cpu_s": u["main_cpu_s"] - start["main_cpu_s"],
+            "load_avg": [load0, os.getloadavg()[0]], "peak_rss_gib": u["peak_rss_gib"],
             "rows": summary.rows_read, "kept": summary.kept, "tokens": int(ex.lengths().sum()),
             "trained_tokens": summary.trained_tokens, "disk_bytes": dir_bytes(Path(ex.path).parent)}
 
@@ -157,7 +159,7 @@ def child_trl(data: str, procs: int, cache: str) -> dict:
     tiny = datasets.Dataset.from_list([make_row(random.Random(1))])
     trainer = SFTTrainer(model=model, args=args, train_dataset=tiny, processing_class=tok)
     torch.set_num_threads(1)
-    start_cpu, t0 = _usage()["cpu_s"], time.perf_counter()
+    start_cpu, t0, load0 = _usage()["cpu_s"], time.perf_counter(), os.getloadavg()[0]
     ds = datasets.load_dataset("json", data_files=data, split="train", cache_dir=os.path.join(cache, "hf"))
     t_load = time.perf_counter() - t0
     ds = trainer._prepare_dataset(ds, tok, args, False, None, "train")
@@ -166,6 +168,7 @@ def child_trl(data: str, procs: int, cache: str) -> dict:
     lengths = ds.map(lambda b: {"n": [len(x) for x in b["input_ids"]]}, batched=True, remove_columns=ds.column_names)
     tokens = int(sum(lengths["n"]))
     return {"wall_s": wall, "load_s": t_load, "cpu_s": u["cpu_s"] - start_cpu, "peak_rss_gib": u["peak_rss_gib"],
+            "load_avg": [load0, os.getloadavg()[0]],
             "rows": len(ds), "kept": len(ds), "tokens": tokens,
             "disk_bytes": sum(os.path.getsize(f["filename"]) for f in ds.cache_files)}
 
@@ -264,12 +267,15 @@ def tiny_model(out: Path) -> str:
 
 # ---- report ------------------------------------------------------------------------------------------------------
 def prep_table(results: list[dict]) -> str:
-    lines = ["| rows | processes | library | wall s | CPU s | rows/s | tokens/s | peak RSS GiB | tokens | on disk MiB |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rows | processes | library | wall s | CPU s | CPU ms/row | rows/s | tokens/s | rows per CPU s | "
+             "peak RSS GiB | tokens | on disk MiB | load avg |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        load = "-".join(f"{x:.1f}" for x in r.get("load_avg", []))
         lines.append(f"| {r['n']:,} | {r['procs']} | {r['lib']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-                     f"{r['rows'] / r['wall_s']:,.0f} | {r['tokens'] / r['wall_s']:,.0f} | {r['peak_rss_gib']:.2f} | "
-                     f"{r['tokens']:,} | {r['disk_bytes'] / 2**20:,.0f} |")
+                     f"{1000 * r['cpu_s'] / r['rows']:.2f} | {r['rows'] / r['wall_s']:,.0f} | "
+                     f"{r['tokens'] / r['wall_s']:,.0f} | {r['rows'] / r['cpu_s']:,.0f} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['tokens']:,} | {r['disk_bytes'] / 2**20:,.0f} | {load} |")
     ratios = []
     for r in results:
         if r["lib"] != "sftlab":
@@ -279,6 +285,15 @@ def prep_table(results: list[dict]) -> str:
             ratios.append(f"- {r['n']:,} rows, {r['procs']} process(es): sftlab {t['wall_s'] / r['wall_s']:.2f}x "
                           f"TRL's rows/s (wall), {t['cpu_s'] / r['cpu_s']:.2f}x per CPU second")
     return "\n".join(lines + [""] + ratios)
+
+
+def million_line(m: dict) -> str:
+    load = "-".join(f"{x:.1f}" for x in m.get("load_avg", []))
+    return (f"1M rows at {m['procs']} processes: {m['wall_s']:.0f} s wall (load average {load}), {m['cpu_s']:.0f} CPU s "
+            f"({1000 * m['cpu_s'] / m['rows']:.2f} CPU ms per row; main process {m.get('main_cpu_s', float('nan')):.0f} "
+            f"CPU s), {m['rows'] / m['wall_s']:,.0f} rows/s; on two idle cores about {m['cpu_s'] / 2:.0f} s "
+            f"(CPU s / 2); peak RSS {m['peak_rss_gib']:.2f} GiB, {m['disk_bytes'] / 2**30:.2f} GiB on disk, "
+            f"{m['tokens']:,} tokens.")
 
 
 def main() -> None:
@@ -344,9 +359,7 @@ def main() -> None:
           prep_table(report["prep"]) if report["prep"] else ""]
     if "million" in report:
         m = report["million"]
-        md += ["", f"1M rows at 2 processes: {m['wall_s']:.0f} s wall, {m['cpu_s']:.0f} CPU s, "
-               f"{m['rows'] / m['wall_s']:,.0f} rows/s, peak RSS {m['peak_rss_gib']:.2f} GiB, "
-               f"{m['disk_bytes'] / 2**30:.2f} GiB on disk."]
+        md += ["", million_line(m)]
     if report["first_step"]:
         md += ["", "| rows | RSS at the first optimizer step GiB | peak RSS GiB |", "|---:|---:|---:|"]
         md += [f"| {r['n']:,} | {r['rss_first_step_gib']:.2f} | {r['peak_rss_gib']:.2f} |" for r in report["first_step"]]

@@ -82,18 +82,25 @@ def fit_prompt(tokenizer, template: Template, messages_without: Callable[[int], 
 
 def _overlaps(offs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
     """Per token: its characters overlap one of the (sorted, disjoint) spans, or it is a zero-width token inside
-    one. Vectorised: the span a token can overlap is the first one ending after the token's start."""
+    one (`span_hits` on lists)."""
     if not offs or not spans:
         return [False] * len(offs)
-    o = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
-    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    j = np.searchsorted(sp[:, 1], o[:, 0], side="right")
-    inside = j < len(sp)
-    jj = np.minimum(j, len(sp) - 1)
-    lo, hi = sp[jj, 0], sp[jj, 1]
-    s, e = o[:, 0], o[:, 1]
-    hit = inside & (((s < hi) & (e > lo)) | ((s == e) & (lo <= s) & (s < hi)))
-    return hit.tolist()
+    return span_hits(np.asarray(offs, dtype=np.int64).reshape(-1, 2),
+                     np.asarray(spans, dtype=np.int64).reshape(-1, 2)).tolist()
+
+
+def span_hits(offs: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Per token ((n, 2) character offsets): whether it overlaps one of the spans ((m, 2), sorted, disjoint), or is
+    a zero-width token inside one. Vectorised: the span a token can overlap is the first one ending after the
+    token's start."""
+    if not len(offs) or not len(spans):
+        return np.zeros(len(offs), bool)
+    j = np.searchsorted(spans[:, 1], offs[:, 0], side="right")
+    inside = j < len(spans)
+    jj = np.minimum(j, len(spans) - 1)
+    lo, hi = spans[jj, 0], spans[jj, 1]
+    s, e = offs[:, 0], offs[:, 1]
+    return inside & (((s < hi) & (e > lo)) | ((s == e) & (lo <= s) & (s < hi)))
 
 
 def encode_rendered(tokenizer, rendered: Rendered, train_all: bool = False,
