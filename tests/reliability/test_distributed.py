@@ -151,3 +151,47 @@ def test_torchrun_streaming_two_ranks_match_one_process(tmp_path, model_dir, dat
     assert {"stream_state_0.json", "stream_state_1.json"} <= {p.name for p in (out / f"checkpoint-{SAVE_STEPS}").iterdir()}
     with capsys.disabled():
         _compare_with_one_process(out, str(one), "torchrun streaming 2x2 vs 1x4")
+
+
+def _scores(path: Path) -> dict:
+    """A results file without its timings (which no two runs share)."""
+    return {k: v for k, v in json.loads(path.read_text()).items()
+            if not any(t in k for t in ("runtime", "per_second", "_time"))}
+
+
+def test_torchrun_eval_and_predict_count_each_row_once(tmp_path, reference, capsys):
+    """7 eval rows, 2 per batch, 2 ranks: accelerate gives rank 1 a last batch of row 6 and a repeat of row 0 so
+    both ranks run 2 batches. Loss, perplexity, accuracy and trained tokens must be those of the 1-process run over
+    the 7 rows, and each row is generated and written once."""
+    from sftlab.cli import main
+
+    model = reference("full")  # trained 10 steps: next-token accuracy is not 0
+    rows = tmp_path / "eval7.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"Say number {i} twice", "output": f"{i} {i}" + " more" * i})
+                            + "\n" for i in range(7)))
+
+    def argv(out: str) -> list[str]:
+        return [model, "--eval_file", str(rows), "--test_file", str(rows), "--predict_with_generate", "true",
+                "--per_device_eval_batch_size", "2", "--max_new_tokens", "4", "--bf16", "false",
+                "--output_dir", out, "--data_cache_dir", str(tmp_path / f"cache-{Path(out).name}")]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["predict", *argv(str(one))]) == 0
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    _launch([torchrun, "--nproc_per_node", "2", "-m", "sftlab", "predict", *argv(str(two))], probe, tmp_path)
+
+    ref, got = _scores(one / "eval_results.json"), _scores(two / "eval_results.json")
+    with capsys.disabled():
+        print(f"\neval 1 process: {ref}\neval 2 ranks:   {got}")
+    assert sorted(got) == sorted(ref)
+    assert {"eval_loss", "eval_perplexity", "eval_accuracy", "eval_trained_tokens", "eval_rouge-l"} <= set(ref)
+    assert 0 < ref["eval_accuracy"] < 1
+    assert got["eval_trained_tokens"] == ref["eval_trained_tokens"]
+    for k, v in ref.items():
+        assert abs(got[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, got[k], v)
+    assert _scores(two / "predict_results.json") == _scores(one / "predict_results.json")
+    for name in ("generated_predictions.jsonl", "eval_predictions.jsonl"):
+        lines = (two / name).read_text().splitlines()
+        assert len(lines) == 7 and lines == (one / name).read_text().splitlines(), name

@@ -46,3 +46,43 @@ def test_group_by_length_uses_stored_lengths(tmp_path, smol_tokenizer_dir):
     torch.manual_seed(7)
     want = list(LengthGroupedSampler(4, dataset=[data[i] for i in range(len(data))]))
     assert got == want and sorted(got) == list(range(300))
+
+
+def _features():
+    """Three samples; the second a pack of two examples."""
+    return [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+        {"input_ids": [9, 10, 11, 12, 13], "labels": [-100, 10, 11, -100, 13], "seq_lens": [3, 2]},
+        {"input_ids": [14, 15, 16], "labels": [-100, 15, 16]},
+    ]
+
+
+def test_without_samples_leaves_only_the_kept_samples_trained_tokens():
+    """Masking sample 1 of a batch trains exactly the targets of samples 0 and 2 collated on their own, in the
+    padded layout and in the one-row (flatten) layout."""
+    from sftlab.data.collator import SFTCollator
+    from sftlab.train.trainer import CountingCollator, samples_in_batch, without_samples
+
+    feats = _features()
+    keep = torch.tensor([True, False, True])
+    for mode in ("auto", "flatten"):
+        collate = CountingCollator(SFTCollator(pad_token_id=0, mask_mode=mode, pad_to_multiple_of=8))
+        batch = collate(feats)
+        assert samples_in_batch(batch) == 3
+        masked = without_samples(batch, keep)
+        alone = collate([feats[0], feats[2]])
+        for key in ("labels", "shift_labels"):
+            got = masked[key][masked[key] != -100].tolist()
+            assert got == alone[key][alone[key] != -100].tolist() and got, (mode, key)
+        assert torch.equal(masked["input_ids"], batch["input_ids"])  # the forward pass itself is unchanged
+        assert without_samples(batch, torch.ones(3, dtype=torch.bool)) is batch
+
+
+def test_samples_in_batch_refuses_a_flat_batch_it_cannot_split():
+    import pytest
+
+    from sftlab.data.collator import SFTCollator
+    from sftlab.train.trainer import samples_in_batch
+
+    with pytest.raises(RuntimeError, match="CountingCollator"):
+        samples_in_batch(SFTCollator(pad_token_id=0, mask_mode="flatten")(_features()))

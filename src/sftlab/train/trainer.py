@@ -5,6 +5,9 @@
   batch size, accumulation and packing change speed, never the result.
 * Evaluation: loss and accuracy are sums over every trained token of the eval set divided once by their count
   (micro-averaged over tokens, not averaged over batches), reduced per batch; no logits are kept.
+  With several processes accelerate repeats samples from the start of the eval set so that every rank gets
+  equal batches; those repeats are found with `gather_for_metrics` and their labels masked, so the sums are over
+  each eval sample exactly once, as in one process.
 * Token counts: non-pad tokens and trained tokens seen by this rank, summed over ranks for the reports.
 """
 
@@ -18,11 +21,14 @@ import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback
 
+from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.train.callbacks import LogCallback
 from sftlab.train.loss import compute_sft_loss
 
 
 REAL_TOKENS_KEY = "sftlab_real_tokens"
+# Tokens of each sample of a batch, in batch order: where each sample lies in a "flatten"-mode batch (one row).
+SAMPLE_TOKENS_KEY = "sftlab_sample_tokens"
 
 
 def peak_rss_bytes() -> int:
@@ -40,6 +46,36 @@ def real_token_count(inputs: dict) -> int:
     return int(inputs["input_ids"].numel())
 
 
+def samples_in_batch(inputs: dict) -> int:
+    """How many samples (data set items) a collated batch holds."""
+    if "cu_seq_lens_q" not in inputs:
+        return int(inputs["input_ids"].shape[0])
+    if SAMPLE_TOKENS_KEY not in inputs:
+        raise RuntimeError(f"a flatten-mode batch without '{SAMPLE_TOKENS_KEY}' (collate it with CountingCollator): "
+                           "its samples cannot be told apart")
+    return int(inputs[SAMPLE_TOKENS_KEY].numel())
+
+
+def without_samples(inputs: dict, keep: torch.Tensor) -> dict:
+    """The batch with no trained token in the samples where ``keep`` (one bool per sample) is False."""
+    if bool(keep.all()):
+        return inputs
+    if "cu_seq_lens_q" in inputs:  # one row: sample i holds the i-th span of SAMPLE_TOKENS_KEY tokens
+        lengths = inputs[SAMPLE_TOKENS_KEY].to(keep.device)
+        owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=keep.device), lengths)
+        width = inputs["input_ids"].shape[1]
+        dropped = torch.zeros(width, dtype=torch.bool, device=keep.device)
+        dropped[: owner.numel()] = ~keep[owner]
+        dropped = dropped[None, :]
+    else:
+        dropped = ~keep[:, None]
+    out = dict(inputs)
+    for key in ("labels", "shift_labels"):
+        if out.get(key) is not None:
+            out[key] = out[key].masked_fill(dropped.to(out[key].device), IGNORE_INDEX)
+    return out
+
+
 class CountingCollator:
     """Wraps a collator and records how many real (non-pad) tokens the batch holds, for tokens/s figures."""
 
@@ -53,7 +89,9 @@ class CountingCollator:
         if not features:
             return extra
         batch = self.inner(features)
-        batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        lengths = [len(f["input_ids"]) for f in features]
+        batch[REAL_TOKENS_KEY] = torch.tensor(sum(lengths))
+        batch[SAMPLE_TOKENS_KEY] = torch.tensor(lengths)
         batch.update(extra)
         return batch
 
@@ -187,6 +225,8 @@ class SFTTrainer(Trainer):
     # ---- evaluation ------------------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        if self.accelerator.num_processes > 1:
+            inputs = without_samples(inputs, self._real_samples(samples_in_batch(inputs)))
         with torch.no_grad(), self.compute_loss_context_manager():
             parts = compute_sft_loss(model, self._shaped(inputs), chunk_size=self.loss_chunk_size,
                                      return_correct=True)
@@ -196,6 +236,19 @@ class SFTTrainer(Trainer):
                                  parts.n_correct.double()]).to(sums.device)
         loss = parts.loss_sum.detach() / torch.clamp_min(parts.n_tokens.to(parts.loss_sum.dtype), 1)
         return loss, None, None
+
+    def _real_samples(self, n: int) -> torch.Tensor:
+        """Which of this rank's ``n`` eval samples are not repeats. accelerate's eval sampler repeats samples from
+        the start of the data set so that every rank gets equal batches, and ``gather_for_metrics`` drops exactly
+        those repeats from what it gathers: the samples of this rank that it keeps are the real ones. Called on
+        every rank at every eval batch (it is a collective)."""
+        device = self.args.device
+        rank = self.accelerator.process_index
+        tags = torch.stack([torch.full((n,), rank, device=device), torch.arange(n, device=device)], dim=1)
+        kept = self.accelerator.gather_for_metrics(tags)
+        keep = torch.zeros(n, dtype=torch.bool, device=device)
+        keep[kept[kept[:, 0] == rank, 1]] = True
+        return keep
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
