@@ -335,7 +335,7 @@ def llamafactory_config(name: str, mode: str, a, model_dir: str, data_dir: Path)
                per_device_train_batch_size=a.packed_batch, gradient_accumulation_steps=1,
                learning_rate=LR[mode], max_steps=a.steps, lr_scheduler_type="cosine", warmup_steps=0, seed=0,
                bf16=name == "llamafactory_fastest", disable_gradient_checkpointing=True,
-               dataloader_pin_memory=False)
+               dataloader_pin_memory=False, use_cpu=True)
     if mode == "lora":
         cfg.update(lora_rank=16, lora_alpha=32, lora_dropout=0.0, lora_target="all")
     return cfg
@@ -366,16 +366,17 @@ def run_llamafactory(name: str, mode: str, a, cli: Path) -> dict:
         return unfinished(name, mode, a, load0)
     if proc.returncode != 0 or not result_file.exists():
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode}); config {config}")
+        return unfinished(name, mode, a, load0, f"failed (exit {proc.returncode}; config {config})")
     rec = json.loads(result_file.read_text())
     return summarize(name, mode, rec, rec, load0)
 
 
-def unfinished(name: str, mode: str, a, load0: float) -> dict:
-    """The row of a configuration that did not finish within --timeout seconds (its process was killed)."""
-    print(f"[bench] {name}:{mode} did not finish within {a.timeout:.0f} s", flush=True)
-    return dict(config=name, mode=mode, unfinished_after_s=a.timeout, load_before=load0,
-                load_after=os.getloadavg()[0])
+def unfinished(name: str, mode: str, a, load0: float, why: str | None = None) -> dict:
+    """The row of a configuration that failed, or did not finish within --timeout seconds (its process was
+    killed); the other configurations still run."""
+    why = why or f"did not finish within {a.timeout:.0f} s"
+    print(f"[bench] {name}:{mode} {why}", flush=True)
+    return dict(config=name, mode=mode, unfinished=why, load_before=load0, load_after=os.getloadavg()[0])
 
 
 def summarize(name: str, mode: str, res: dict, rec: dict, load0: float) -> dict:
@@ -416,7 +417,7 @@ def run_child(name: str, mode: str, a, workdir: Path) -> dict:
     line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"[bench] {name}:{mode} failed (exit {proc.returncode})")
+        return unfinished(name, mode, a, load0, f"failed (exit {proc.returncode})")
     return json.loads(line[len("RESULT "):])
 
 
@@ -439,7 +440,7 @@ def table(results: list[dict], peak: float) -> str:
                   "|---|" + "---:|" * (9 + 2 * len(refs))]
         for r in rows:
             if "runtime" not in r:
-                lines.append(f"| {r['config']} | did not finish {r['unfinished_after_s']:.0f} s |"
+                lines.append(f"| {r['config']} | {r['unfinished']} |"
                              + " |" * (8 + 2 * len(refs)))
                 continue
             tps, nps = r["trained"] / r["runtime"], r["tokens"] / r["runtime"]
@@ -522,7 +523,7 @@ def main() -> None:
             print(f"[bench] {name}:{mode}: {r['trained'] / r['runtime']:.0f} trained tok/s, "
                   f"{r['tokens'] / r['runtime']:.0f} non-pad tok/s, {r['peak_rss_gib']:.2f} GiB, "
                   f"held-out {r['heldout_loss']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    lf = next((r for r in results if r["config"] in LLAMAFACTORY), None)
+    lf = next((r for r in results if r["config"] in LLAMAFACTORY and "versions" in r), None)
     peers = f"TRL {_version('trl')}" + (f" and LLaMA-Factory {lf['versions']['llamafactory']}" if lf else "")
     md = (f"sftlab vs {peers} training throughput on the bundled SmolLM2-135M-Instruct "
           f"({_cpu_name()}, {a.threads} threads, torch {_version('torch')}, "
