@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--model", default="bundled", choices=["bundled", "small"],
                     help="bundled: SmolLM2-135M-Instruct; small: a random 4-layer 256-wide Llama (13M parameters, "
                          "most of them the embedding), for a machine too busy for the bundled model")
+    ap.add_argument("--append", action="store_true", help="keep the other configurations' rows of the results "
+                    "file when it was made with the same model, rows, steps and batch (configurations measured in "
+                    "separate invocations on a busy machine)")
     args = ap.parse_args()
     args.rows = args.rows or args.steps * args.batch
     work = Path(tempfile.mkdtemp(prefix="sftlab-report-bench-"))
@@ -149,15 +152,28 @@ def main() -> None:
     meta = {"model": "SmolLM2-135M-Instruct (bundled)" if args.model == "bundled" else
              "random Llama, 4 layers, hidden 256, 13M parameters, bundled tokenizer", "rows": args.rows, "steps": args.steps, "batch": args.batch, "cpu": f"{cpu}, {os.cpu_count()} cores",
             "load_before": round(os.getloadavg()[0], 1)}
-    rows = []
+    rows = previous_rows(meta, args.configs.split(",")) if args.append else []
     for name in args.configs.split(","):
         rows.append(measure(name, work, data, args.steps, args.batch, model))
         print(json.dumps(rows[-1]), flush=True)
-    meta["load_after"] = round(os.getloadavg()[0], 1)
+        meta["load_after"] = round(os.getloadavg()[0], 1)
+        save(rows, meta)  # after every configuration: a long run stopped early keeps what it measured
+    print((RESULTS / "report_estimates.md").read_text())
+
+
+def previous_rows(meta: dict, configs: list[str]) -> list[dict]:
+    path = RESULTS / "report_estimates.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    same = all(old["meta"].get(k) == meta[k] for k in ("model", "rows", "steps", "batch"))
+    return [r for r in old["rows"] if r["config"] not in configs] if same else []
+
+
+def save(rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "report_estimates.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     write_markdown(rows, meta, RESULTS / "report_estimates.md")
-    print((RESULTS / "report_estimates.md").read_text())
 
 
 if __name__ == "__main__":

@@ -239,27 +239,29 @@ def test_probe_then_the_real_run_it_estimated(tmp_path, tiny_model_dir, data_fil
 
 def test_report_reads_the_training_cache_and_hashes_in_workers(tmp_path, tiny_model_dir, smol_tokenizer, data_files,
                                                                 monkeypatch):
-    """Two worker processes give the numbers of one; the tokenized entries the report wrote are those training maps
-    (training after a report tokenizes nothing), and a second report reads them too."""
+    """The duplicate scan over two worker processes gives the numbers of the serial one; the tokenized entries the
+    first report wrote are those the second one and training map (training after a report tokenizes nothing)."""
     import sftlab.data.dataset as dataset
+    import sftlab.report as report_module
     from sftlab.data.splits import build_splits
     from sftlab.data.templates import load_template
 
     _, files = data_files
-    serial = data_report(_cfg(tiny_model_dir, files, tmp_path / "a", "--data_cache_dir", str(tmp_path / "c1")),
+    serial = data_report(_cfg(tiny_model_dir, files, tmp_path / "a", "--data_cache_dir", str(tmp_path / "c")),
                          probe=False).to_dict()
-    cfg = _cfg(tiny_model_dir, files, tmp_path / "b", "--data_cache_dir", str(tmp_path / "c2"),
-               "--preprocessing_num_workers", "2")
-    parallel = data_report(cfg, probe=False).to_dict()
-    assert parallel["splits"] == serial["splits"] and parallel["duplicates"] == serial["duplicates"]
 
     def tokenized_again(*a, **k):
         raise AssertionError("tokenized again instead of mapping the cache")
 
     monkeypatch.setattr(dataset, "encode_stream", tokenized_again)
+    monkeypatch.setattr(report_module, "FINGERPRINT_ROWS", 5)  # several chunks in flight, answered in order
+    cfg = _cfg(tiny_model_dir, files, tmp_path / "b", "--data_cache_dir", str(tmp_path / "c"),
+               "--preprocessing_num_workers", "2")
+    parallel = data_report(cfg, probe=False).to_dict()
+    assert parallel["splits"] == serial["splits"] and parallel["duplicates"] == serial["duplicates"]
+    assert (parallel["duplicates"]["train"]["exact"], parallel["duplicates"]["eval"]["near"]) == (2, 1)
     splits = build_splits(cfg, smol_tokenizer, load_template("chatml", smol_tokenizer))
     assert len(splits.train) == parallel["splits"]["train"]["kept"] == 34
-    assert data_report(cfg, probe=False).to_dict()["splits"] == serial["splits"]
 
 
 def test_probe_batches_are_the_longest_then_typical_ones():

@@ -42,6 +42,7 @@ PROBE_STEPS = 3  # the first on the longest examples (peak memory, warm-up), the
 TYPICAL_DRAWS = 64  # random batches drawn per typical probe step; the one nearest the mean tokens per step is run
 PROGRESS_EVERY = 20000
 FINGERPRINT_ROWS = 512  # rows per chunk a duplicate-scan worker hashes
+FINGERPRINT_IN_FLIGHT = 2  # chunks per worker queued at most
 SPLITS = (("train", "train_file"), ("eval", "eval_file"), ("test", "test_file"))
 
 
@@ -175,7 +176,7 @@ def _fingerprinted(pairs, options, pool) -> Iterator[tuple[list, tuple[list[byte
     pending: deque = deque()
     for chunk in chunks:
         pending.append((chunk, pool.apply_async(fingerprint_rows, (chunk, options))))
-        while len(pending) >= 2 * pool._processes:
+        while len(pending) >= FINGERPRINT_IN_FLIGHT * pool.workers:
             c, job = pending.popleft()
             yield c, job.get()
     while pending:
@@ -355,7 +356,9 @@ def _fingerprint_pool(workers: int):
         return None
     import multiprocessing as mp
 
-    return mp.get_context("spawn").Pool(workers)
+    pool = mp.get_context("spawn").Pool(workers)
+    pool.workers = workers
+    return pool
 
 
 def _write_dedup(train_files: list[str], removal: dict[str, dict[int, str]], out: Path) -> dict[str, Any]:
