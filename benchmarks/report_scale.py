@@ -91,7 +91,7 @@ def known_overlap(train: Path, eval_file: Path, threshold: float = 0.8) -> dict:
     for (_, original), copy in zip(_picked(train)[EXACT:], copies[EXACT:]):
         a, b = shingles(normalise(text(original))), shingles(normalise(text(copy)))
         jac.append(len(a & b) / len(a | b))
-    return {"exact": EXACT, "near_copies": NEAR, "near_at_or_above_threshold": sum(j >= threshold for j in jac),
+    return {"exact": EXACT, "near_copies": len(jac), "near_at_or_above_threshold": sum(j >= threshold for j in jac),
             "near_jaccard_min_max": [round(min(jac), 3), round(max(jac), 3)]}
 
 
@@ -144,7 +144,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['cpu']}; the machine is shared with other jobs (load averages per run below). Generated "
              f"`messages` rows (1-3 exchanges, 30% with a system prompt, data_prep.py's mix), bundled SmolLM2 "
              f"tokenizer and template, cutoff_len {CUTOFF}, `preprocessing_num_workers: {meta['workers']}`, "
-             f"`--no_probe`. Eval file: {EVAL_ROWS} rows, {EXACT} exact and {NEAR} near copies of training rows "
+             f"`--no_probe`. Eval file: {EVAL_ROWS} rows, {EXACT} exact and up to {NEAR} near copies of training rows (as many as the file has rows of 120+ words at the picked lines) "
              "(known near = those whose exact Jaccard similarity of word 3-shingles is >= 0.8). "
              "cold = empty data cache (tokenize + statistics + duplicates); warm = the cache present (as after "
              "`sftlab train` or an earlier report). CPU s = user + system of the report and its workers.", "",
@@ -171,8 +171,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "sftlab-report-scale"))
     ap.add_argument("--out", default=str(HERE / "results" / "report_scale"))
+    ap.add_argument("--render", action="store_true", help="only write the table again from the results JSON "
+                    "(the known overlap recomputed from the files under --work)")
     a = ap.parse_args()
     work = Path(a.work)
+    if a.render:
+        return render(Path(a.out), work)
     work.mkdir(parents=True, exist_ok=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     meta = {"cpu": f"{cpu}, {os.cpu_count()} cores", "workers": a.workers}
@@ -194,6 +198,16 @@ def main() -> None:
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
     Path(a.out + ".md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
+
+
+def render(out: Path, work: Path) -> None:
+    data = json.loads(Path(str(out) + ".json").read_text())
+    for r in data["runs"]:
+        n = r["rows"]
+        r["expected_eval"] = known_overlap(work / f"train{n}.jsonl", work / f"eval{n}.jsonl")
+    Path(str(out) + ".json").write_text(json.dumps(data, indent=1) + "\n")
+    Path(str(out) + ".md").write_text(markdown(data["runs"], data["meta"]))
+    print(markdown(data["runs"], data["meta"]))
 
 
 if __name__ == "__main__":
