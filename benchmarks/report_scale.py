@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "sftlab-report-scale"))
     ap.add_argument("--out", default=str(HERE / "results" / "report_scale"))
+    ap.add_argument("--kinds", default="cold,warm", help="which runs: cold (the cache emptied first), warm")
+    ap.add_argument("--append", action="store_true", help="keep the results file's other runs")
     ap.add_argument("--render", action="store_true", help="only write the table again from the results JSON "
                     "(the known overlap recomputed from the files under --work)")
     a = ap.parse_args()
@@ -180,24 +182,34 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     meta = {"cpu": f"{cpu}, {os.cpu_count()} cores", "workers": a.workers}
+    kinds = a.kinds.split(",")
+    sizes = [int(x) for x in a.sizes.split(",") if x]
     rows = []
-    for n in [int(x) for x in a.sizes.split(",") if x]:
+    if a.append and Path(a.out + ".json").is_file():
+        rows = [r for r in json.loads(Path(a.out + ".json").read_text())["runs"]
+                if not (r["rows"] in sizes and r["cache"] in kinds)]
+    for n in sizes:
         train = write_data(work / f"train{n}.jsonl", n)
         eval_file = work / f"eval{n}.jsonl"
         write_eval(train, eval_file)
         expected = known_overlap(train, eval_file)
         cache = work / f"cache{n}"
-        shutil.rmtree(cache, ignore_errors=True)
+        if "cold" in kinds:
+            shutil.rmtree(cache, ignore_errors=True)
         cfg = write_config(work, train, eval_file, cache, a.workers)
-        for kind in ("cold", "warm"):
+        for kind in kinds:
             r = {"rows": n, "cache": kind, "expected_eval": expected, **run_report(cfg, work / f"report{n}-{kind}")}
             print(json.dumps(r), flush=True)
             rows.append(r)
-        shutil.rmtree(cache, ignore_errors=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
-    Path(a.out + ".md").write_text(markdown(rows, meta))
+            save(Path(a.out), rows, meta)  # after every run: a run stopped early keeps what it measured
     print(markdown(rows, meta))
+
+
+def save(out: Path, rows: list[dict], meta: dict) -> None:
+    rows = sorted(rows, key=lambda r: (r["rows"], r["cache"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(out) + ".json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1) + "\n")
+    Path(str(out) + ".md").write_text(markdown(rows, meta))
 
 
 def render(out: Path, work: Path) -> None:
