@@ -437,19 +437,23 @@ def table(results: list[dict], peak: float) -> str:
         lines += [f"\n**{mode.upper()}**\n",
                   f"| config | trained tok/s | non-pad tok/s |{vs} peak RSS training GiB | peak RSS process GiB "
                   "| train loss (last 25%) | held-out loss | MFU | wall s |",
-                  "|---|" + "---:|" * (9 + 2 * len(refs))]
+                  "|---|" + "---:|" * (8 + 2 * len(refs))]
         for r in rows:
             if "runtime" not in r:
                 lines.append(f"| {r['config']} | {r['unfinished']} |"
-                             + " |" * (8 + 2 * len(refs)))
+                             + " |" * (7 + 2 * len(refs)))
                 continue
             tps, nps = r["trained"] / r["runtime"], r["tokens"] / r["runtime"]
             ratios = "".join(f" {tps / _tps(ref):.2f}x | {_train_rss(r) / _train_rss(ref):.2f}x |" for _, ref in refs)
             mfu = k * N_PARAMS * nps / peak
-            lines.append(f"| {r['config']} | {tps:.0f} | {nps:.0f} |{ratios} {_train_rss(r):.2f} "
+            lines.append(f"| {r['config']} | {_rate(tps)} | {_rate(nps)} |{ratios} {_train_rss(r):.2f} "
                          f"| {r['peak_rss_gib']:.2f} | {r['final_train_loss']:.4f} | {r['heldout_loss']:.4f} "
                          f"| {100 * mfu:.1f}% | {r['runtime']:.0f} |")
     return "\n".join(lines)
+
+
+def _rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.2f}"
 
 
 def _tps(r: dict) -> float:
