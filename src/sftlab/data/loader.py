@@ -150,7 +150,16 @@ def iter_rows(path_or_name: str, max_samples: int | None = None) -> Iterator[Row
     if not (path.is_file() and path.suffix.lower() == ".jsonl" and _starts_with_object(path)):
         yield from read_rows(path_or_name, max_samples)
         return
-    n, number, pos = 0, 0, 0
+    for n, (number, line) in enumerate(jsonl_lines(path)):
+        if max_samples and n >= max_samples:
+            return
+        yield _jsonl_row(line, number, str(path))
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSONL file with their 1-based line numbers, decoded lazily; lines are counted as
+    read_rows counts them (\r, \u2028... end lines too), and bad UTF-8 is an error naming the line."""
+    number, pos = 0, 0
     with open(path, "rb") as fh:
         for raw in fh:
             try:
@@ -159,13 +168,10 @@ def iter_rows(path_or_name: str, max_samples: int | None = None) -> Iterator[Row
                 raise DataError(f"not valid UTF-8 (byte {pos + e.start}); re-encode the file as UTF-8", file=str(path),
                                 line=number + 1) from None
             pos += len(raw)
-            for line in text.splitlines():  # as read_rows counts lines (\r, \u2028... end lines too)
+            for line in text.splitlines():
                 number += 1
-                if max_samples and n >= max_samples:
-                    return
                 if line.strip():
-                    n += 1
-                    yield _jsonl_row(line, number, str(path))
+                    yield number, line
 
 
 def _starts_with_object(path: Path) -> bool:

@@ -26,7 +26,7 @@ import torch
 
 from sftlab.data import formats as F
 from sftlab.data.batched import encode_batch
-from sftlab.data.loader import Row, _jsonl_row, _surrogate_field, read_rows
+from sftlab.data.loader import Row, _jsonl_row, _surrogate_field, jsonl_lines, read_rows
 from sftlab.data.packing import bfd_pack
 from sftlab.data.tokenize import IGNORE_INDEX
 from sftlab.errors import DataError
@@ -72,21 +72,9 @@ def _jsonl_rows(path: Path, start: int, owns) -> Iterator[tuple[int, Row]]:
     if first == "[":
         yield from _array_rows(path, start, owns)
         return
-    i, number, pos = -1, 0, 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            try:
-                text = raw.decode("utf-8-sig" if pos == 0 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"not valid UTF-8 (byte {pos + e.start}); re-encode the file as UTF-8", file=str(path),
-                                line=number + 1) from None
-            pos += len(raw)
-            for line in text.splitlines():  # as loader.iter_rows counts lines
-                number += 1
-                if line.strip():
-                    i += 1
-                    if i >= start and owns(i):
-                        yield i, _jsonl_row(line, number, str(path))
+    for i, (number, line) in enumerate(jsonl_lines(path)):
+        if i >= start and owns(i):
+            yield i, _jsonl_row(line, number, str(path))
 
 
 def _json_rows(path: Path, start: int, owns) -> Iterator[tuple[int, Row]]:
